@@ -1,0 +1,1 @@
+"""Triton kernels of pycurv, installed as ``pycurv.kernels`` (one module per op family)."""

@@ -1,0 +1,63 @@
+"""Shared fixtures: device, seeds, backends and the per-dtype tolerance table.
+
+Without a CUDA device the Triton kernels run under the interpreter on CPU tensors; TRITON_INTERPRET must be set
+before triton is imported, so it is set here, before pycurv (which imports triton lazily) is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import pycurv  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Relative Frobenius error allowed against a float64 ground truth computed from the same (already rounded)
+# inputs. Low-precision inputs are rounded before the kernel sees them, so only the float32 accumulation (and,
+# on tensor cores, the products' rounding) remains; the table holds per output dtype-of-input.
+REL_TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1e-2,
+}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||x - ref||_F / ||ref||_F`` in float64 (``||x - ref||`` when ``ref`` is 0); NaN anywhere gives inf."""
+    x64, r64 = x.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(x64).all():
+        return float("inf")
+    den = r64.norm().item()
+    num = (x64 - r64).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_rel_close(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert x.shape == ref.shape, f"{what}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+    err = rel_err(x, ref)
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3g} > {REL_TOL[dtype]:.1g} ({dtype})"
+
+
+def op_backends(op: str, device: torch.device = DEVICE) -> list[str]:
+    """Every backend that can run ``op`` on ``device`` here (torch, cpu / cuda, triton)."""
+    return pycurv.ops.available_backends(device, op)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
