@@ -16,11 +16,17 @@ if _C is not None:
     from . import _meta  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
 
 
-def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether ``torch.ops.pycurv.<op>`` has a kernel registered for ``dispatch_key`` ("CPU", "CUDA", ...)."""
-    if _C is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pycurv::{op}", dispatch_key)
-
-
 COMPILED_OPS = ("per_sample_grad_sqnorms", "per_sample_gram", "ef_diag")
+
+# Read once at import: kernels are registered by loading _C and never change afterwards, and a plain dict
+# lookup keeps backend selection traceable by torch.compile.
+_KERNELS: dict[tuple[str, str], bool] = {
+    (op, key): _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"pycurv::{op}", key)
+    for op in COMPILED_OPS
+    for key in ("CPU", "CUDA")
+}
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``torch.ops.pycurv.<op>`` has a kernel registered for ``dispatch_key`` ("CPU" or "CUDA")."""
+    return _KERNELS.get((op, dispatch_key), False)
