@@ -40,7 +40,8 @@ info: build
 
 # Builds the full extension with CUDA kernels against the CUDA torch wheel (no GPU needed), in a copy of the
 # tree so the CPU build of .venv is left alone, then checks that every CUDA kernel is registered.
-CUDA_HOME_DIR := $(shell d=$$(command -v nvcc) && dirname $$(dirname $$(readlink -f $$d)))
+# nvcc may be a wrapper script: ask it where its toolkit lives.
+CUDA_HOME_DIR ?= $(shell d=$$(nvcc -v --dryrun -x cu /dev/null 2>&1 | sed -n 's/^\#\$$ TOP=//p') && test -n "$$d" && readlink -f "$$d")
 CUDA_BUILD    := build/cuda-check
 
 .venv-cuda/.ok:
