@@ -1,51 +1,1316 @@
-// CPU kernels for per-sample gradient products (MATH.md section 1). Placeholder: ATen formulation.
+// CPU kernels for per-sample gradient products (MATH.md section 1).
+//
+// Sample n of a linear layer has inputs A_n = a[n]: (T, d_in) and output gradients B_n = g[n]: (T, d_out); its
+// weight gradient is G_n = B_n^T A_n (plus the bias gradient sum_t B_n[t] with bias=True).
+//   ghost (Goodfellow 2015; Li et al. 2022):  <G_i, G_j> = sum_{t,s} (A_i A_j^T + 1)[t,s] (B_i B_j^T)[t,s]
+//     (the "+ 1" is the bias: the virtual ones column of A, never materialised);
+//   materialize: G_n formed block by block, K = J J^T, ||G_n||^2 and sum_n G_n * G_n accumulated per block.
+// Tiling: every GEMM runs single-threaded inside an at::parallel_for over independent tiles (sample-pair blocks
+// of the Gram, d_out x d_in blocks of G_n for all samples, or single samples), so extra memory is
+// O(N^2 + threads * tile), never O(N d_out d_in) or O((N T)^2). Inputs of any float dtype and strides are
+// converted (or packed for the micro-kernel) once as a whole when that copy is small (a few tens of MiB at
+// most), tile by tile otherwise.
+//
+// GEMMs: on x86 CPUs with oneDNN's BRGEMM micro-kernel (AVX2 for float32, AVX-512 for bfloat16) a small driver
+// packs operand panels and calls at::native::cpublas::brgemm; bfloat16 inputs then multiply as bfloat16 with
+// float32 accumulation (exact products), everything else in float32. Without it (or with PYCURV_CPU_BRGEMM=0)
+// the tiles go through ATen's matmul (MKL / OpenBLAS) in the accumulation dtype. float64 always uses ATen.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
+#if defined(CPUBLAS_BRGEMM_F32F32F32) && defined(CPUBLAS_BRGEMM_BF16BF16F32) && !defined(PYCURV_NO_BRGEMM)
+#define PYCURV_HAVE_BRGEMM 1
+#endif
+#endif
 
 #include "pycurv.h"
 
 namespace pycurv {
+namespace {
+
+using at::BFloat16;
+using at::Tensor;
+
+// Elements of one per-thread block X = [G_1; ...; G_N] restricted to d_out x d_in block (1 MiB of float32),
+// raised to N x 64 x 256 for large N so that the per-sample GEMMs stay efficient.
+constexpr int64_t kTileElems = int64_t(1) << 18;
+// Rows (time steps) of one side of a ghost Gram tile: two (kGhostRows x kGhostRows) float32 tiles per thread.
+constexpr int64_t kGhostRows = 512;
+// Elements of one per-sample block of G_n (sqnorms / ef_diag materialize): stays in L2.
+constexpr int64_t kBlockElems = int64_t(1) << 16;
+// An input with at most this many elements is converted to the compute dtype once, as a whole; larger inputs
+// that need a conversion (dtype or strides) are converted tile by tile.
+constexpr int64_t kWholeElems = int64_t(1) << 22;
+// Up to this many time steps the per-sample products sum_t g[t]^T a[t] are formed by a fused loop, not a GEMM.
+constexpr int64_t kSmallT = 4;
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename E>
+constexpr c10::ScalarType scalar_of() {
+  return c10::CppTypeToScalarType<E>::value;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GEMM. An operand is a strided matrix view: element (r, c) at p[r*rs + c*cs], one of rs / cs being 1.
+
+template <typename E>
+struct Mat {
+  const E* p;
+  int64_t rs, cs;
+};
+
+// Scratch array that grows on demand and is never initialised (packing overwrites what it uses).
+template <typename U>
+class Buf {
+ public:
+  U* get(int64_t n) {
+    if (n > cap_) {
+      p_.reset(new U[n]);
+      cap_ = n;
+    }
+    return p_.get();
+  }
+  U* data() const { return p_.get(); }
+
+ private:
+  std::unique_ptr<U[]> p_;
+  int64_t cap_ = 0;
+};
+
+// B operand of the micro-kernel, packed: K blocks of kb rows, each cut into panels of kNb columns (float32
+// row-major, or bfloat16 in the VNNI-2 layout: rows 2k and 2k+1 interleaved into 32-bit words).
+struct Packed {
+  Buf<uint32_t> buf;
+  int64_t K = 0, N = 0, kb = 0, np = 0, nw = 0;  // nw: panel width
+};
+
+// Per-thread packing space of the micro-kernel driver.
+struct Work {
+  Buf<uint32_t> a, tmp;
+  Packed b;
+};
+
+// C = A B (+ C when accumulate) through ATen on the calling thread (inside at::parallel_for BLAS runs serially).
+template <typename T>
+void gemm_aten(int64_t M, int64_t N, int64_t K, Mat<T> A, Mat<T> B, bool accumulate, T* c, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  auto opt = at::TensorOptions().dtype(scalar_of<T>());
+  Tensor C = at::from_blob(c, {M, N}, {ldc, 1}, opt);
+  if (K == 0) {
+    if (!accumulate) C.zero_();
+    return;
+  }
+  Tensor a = at::from_blob(const_cast<T*>(A.p), {M, K}, {A.rs, A.cs}, opt);
+  Tensor b = at::from_blob(const_cast<T*>(B.p), {K, N}, {B.rs, B.cs}, opt);
+  if (accumulate) {
+    C.addmm_(a, b);
+  } else {
+    at::mm_out(C, a, b);
+  }
+}
+
+#ifdef PYCURV_HAVE_BRGEMM
+namespace cb = at::native::cpublas;
+
+// Driver blocking: panels of kNb columns (4 AVX-512 vectors of float32), A blocks of up to kMb rows, K blocks
+// of kKb (float32) / kKbHalf (bfloat16) rows so that a panel stays in L2.
+constexpr int64_t kNb = 64, kMb = 256, kKb = 512, kKbHalf = 1024;
+
+// Panels are kNb columns wide; a narrower B gets one panel rounded up to a vector of float32.
+inline int64_t panel_width(int64_t n) { return n >= kNb ? kNb : cdiv(n, 16) * 16; }
+
+inline uint32_t load_word(const void* p) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+
+// d[c*ldd + r] = s[r*lds + c] for r < R, c < C on 32-bit words (float32, or pairs of bfloat16): 8 x 8 blocks
+// in AVX2 registers. Only called on the micro-kernel path, which requires AVX2.
+__attribute__((target("avx2"))) void transpose32(const uint32_t* s, int64_t lds, int64_t R, int64_t C,
+                                                 uint32_t* d, int64_t ldd) {
+  int64_t r = 0;
+  for (; r + 8 <= R; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      const uint32_t* sp = s + r * lds + c;
+      __m256 r0 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));
+      __m256 r1 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + lds)));
+      __m256 r2 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + 2 * lds)));
+      __m256 r3 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + 3 * lds)));
+      __m256 r4 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + 4 * lds)));
+      __m256 r5 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + 5 * lds)));
+      __m256 r6 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + 6 * lds)));
+      __m256 r7 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + 7 * lds)));
+      __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+      __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+      __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+      __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+      __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      uint32_t* dp = d + c * ldd + r;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dp), _mm256_castps_si256(_mm256_permute2f128_ps(u0, u4, 0x20)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dp + ldd),
+                          _mm256_castps_si256(_mm256_permute2f128_ps(u1, u5, 0x20)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dp + 2 * ldd),
+                          _mm256_castps_si256(_mm256_permute2f128_ps(u2, u6, 0x20)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dp + 3 * ldd),
+                          _mm256_castps_si256(_mm256_permute2f128_ps(u3, u7, 0x20)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dp + 4 * ldd),
+                          _mm256_castps_si256(_mm256_permute2f128_ps(u0, u4, 0x31)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dp + 5 * ldd),
+                          _mm256_castps_si256(_mm256_permute2f128_ps(u1, u5, 0x31)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dp + 6 * ldd),
+                          _mm256_castps_si256(_mm256_permute2f128_ps(u2, u6, 0x31)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dp + 7 * ldd),
+                          _mm256_castps_si256(_mm256_permute2f128_ps(u3, u7, 0x31)));
+    }
+    for (; c < C; ++c)
+      for (int64_t i = 0; i < 8; ++i) d[c * ldd + r + i] = load_word(s + (r + i) * lds + c);
+  }
+  for (; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) d[c * ldd + r] = load_word(s + r * lds + c);
+}
+
+// w[n] = lo[n] | hi[n] << 16 on bfloat16 bit patterns (hi == nullptr pairs with zero): one VNNI-2 row pair.
+__attribute__((target("avx2"))) void interleave16(const uint16_t* lo, const uint16_t* hi, int64_t n, uint32_t* w) {
+  int64_t i = 0;
+  const __m256i zero = _mm256_setzero_si256();
+  for (; i + 16 <= n; i += 16) {
+    const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + i));
+    const __m256i h = hi ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + i)) : zero;
+    const __m256i a = _mm256_unpacklo_epi16(l, h), b = _mm256_unpackhi_epi16(l, h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm256_permute2x128_si256(a, b, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i + 8), _mm256_permute2x128_si256(a, b, 0x31));
+  }
+  for (; i < n; ++i) w[i] = static_cast<uint32_t>(lo[i]) | (hi ? static_cast<uint32_t>(hi[i]) << 16 : 0u);
+}
+
+inline const uint16_t* bits(const BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+
+// Panel of B(k0:k0+kk, n0:n0+nn) with row stride nw >= nn (in 32-bit words).
+template <typename E>
+void pack_b_panel(Mat<E> B, int64_t k0, int64_t kk, int64_t n0, int64_t nn, uint32_t* out, int64_t nw) {
+  const E* base = B.p + k0 * B.rs + n0 * B.cs;
+  if constexpr (std::is_same_v<E, float>) {
+    if (B.cs == 1) {
+      for (int64_t k = 0; k < kk; ++k) std::memcpy(out + k * nw, base + k * B.rs, nn * sizeof(float));
+    } else {  // B = Y^T with Y rows of stride cs: a transpose of the (nn x kk) block of Y
+      transpose32(reinterpret_cast<const uint32_t*>(base), B.cs, nn, kk, out, nw);
+    }
+  } else {
+    const int64_t kq = kk / 2;
+    if (B.cs == 1) {
+      for (int64_t k = 0; k < kq; ++k)
+        interleave16(bits(base + 2 * k * B.rs), bits(base + (2 * k + 1) * B.rs), nn, out + k * nw);
+      if (kk % 2) interleave16(bits(base + (kk - 1) * B.rs), nullptr, nn, out + kq * nw);
+    } else {
+      // B = Y^T: a VNNI-2 word of column n is two consecutive elements of row n of Y, so the packing is a
+      // transpose of 32-bit words when rows start on word boundaries.
+      if (B.cs % 2 == 0) {
+        transpose32(reinterpret_cast<const uint32_t*>(base), B.cs / 2, nn, kq, out, nw);
+      } else {
+        for (int64_t n = 0; n < nn; ++n)
+          for (int64_t k = 0; k < kq; ++k) out[k * nw + n] = load_word(base + n * B.cs + 2 * k);
+      }
+      if (kk % 2)
+        for (int64_t n = 0; n < nn; ++n) out[kq * nw + n] = bits(base + n * B.cs + kk - 1)[0];
+    }
+  }
+}
+
+// Packs B (K x N) whole: all K blocks, all panels.
+template <typename E>
+void pack_b(Mat<E> B, int64_t K, int64_t N, Packed& pb) {
+  constexpr bool half = std::is_same_v<E, BFloat16>;
+  pb.K = K;
+  pb.N = N;
+  pb.kb = half ? kKbHalf : kKb;
+  pb.nw = panel_width(N);
+  pb.np = cdiv(N, pb.nw);
+  const int64_t wfull = (half ? pb.kb / 2 : pb.kb) * pb.nw;
+  const int64_t nkb = cdiv(K, pb.kb);
+  uint32_t* buf = pb.buf.get(nkb * pb.np * wfull);
+  for (int64_t kbi = 0; kbi < nkb; ++kbi) {
+    const int64_t k0 = kbi * pb.kb, kk = std::min(pb.kb, K - k0);
+    const int64_t wpanel = (half ? cdiv(kk, 2) : kk) * pb.nw;
+    for (int64_t p = 0; p < pb.np; ++p)
+      pack_b_panel(B, k0, kk, p * pb.nw, std::min(pb.nw, N - p * pb.nw), buf + kbi * pb.np * wfull + p * wpanel, pb.nw);
+  }
+}
+
+// A(m0:m0+mm, k0:k0+kk) row-major with row length kp >= kk (zero-padded).
+template <typename E>
+void pack_a(Mat<E> A, int64_t m0, int64_t mm, int64_t k0, int64_t kk, int64_t kp, E* out, Work& w) {
+  const E* base = A.p + m0 * A.rs + k0 * A.cs;
+  if (A.cs == 1) {
+    for (int64_t m = 0; m < mm; ++m) {
+      std::memcpy(out + m * kp, base + m * A.rs, kk * sizeof(E));
+      for (int64_t k = kk; k < kp; ++k) out[m * kp + k] = E(0.0f);
+    }
+    return;
+  }
+  // A = column-major view (rows of stride A.cs hold columns of A): transpose.
+  if constexpr (std::is_same_v<E, float>) {
+    transpose32(reinterpret_cast<const uint32_t*>(base), A.cs, kk, mm, reinterpret_cast<uint32_t*>(out), kp);
+  } else {
+    // Interleave pairs of source rows (k, k+1) into words, then transpose the words: row m of the result holds
+    // A(m, k), A(m, k+1), ... in order.
+    const int64_t kq = kp / 2;
+    uint32_t* tmp = w.tmp.get(kq * mm);
+    for (int64_t k = 0; k < kq; ++k) {
+      const BFloat16* hi = 2 * k + 1 < kk ? base + (2 * k + 1) * A.cs : nullptr;
+      interleave16(bits(base + 2 * k * A.cs), hi ? bits(hi) : nullptr, mm, tmp + k * mm);
+    }
+    transpose32(tmp, mm, kq, mm, reinterpret_cast<uint32_t*>(out), kq);
+  }
+}
+
+// C (M x N, N <= pb.N) = A B (+ C) with B packed; float32 accumulation.
+template <typename E>
+void gemm_packed(int64_t M, int64_t N, Mat<E> A, const Packed& pb, bool accumulate, float* C, int64_t ldc,
+                 Work& w) {
+  constexpr bool half = std::is_same_v<E, BFloat16>;
+  const int64_t K = pb.K, kb = pb.kb;
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+    return;
+  }
+  const int64_t nw = pb.nw;
+  const int64_t wfull = (half ? kb / 2 : kb) * nw;
+  const int64_t np = cdiv(N, nw);
+  for (int64_t kbi = 0; kbi * kb < K; ++kbi) {
+    const int64_t k0 = kbi * kb, kk = std::min(kb, K - k0);
+    const int64_t kp = half ? kk + (kk % 2) : kk;
+    const int64_t wpanel = (half ? kp / 2 : kp) * nw;
+    const uint32_t* base = pb.buf.data() + kbi * pb.np * wfull;
+    const bool add = accumulate || kbi > 0;
+    for (int64_t m0 = 0; m0 < M; m0 += kMb) {
+      const int64_t mm = std::min(kMb, M - m0);
+      const E* ap;
+      int64_t lda;
+      if (A.cs == 1 && kp == kk) {
+        ap = A.p + m0 * A.rs + k0;
+        lda = A.rs;
+      } else {
+        E* pa = reinterpret_cast<E*>(w.a.get(cdiv(mm * kp * static_cast<int64_t>(sizeof(E)), 4)));
+        pack_a(A, m0, mm, k0, kk, kp, pa, w);
+        ap = pa;
+        lda = kp;
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t n0 = p * nw, nn = std::min(nw, N - n0);
+        cb::brgemm(mm, nn, kp, lda, nw, ldc, add, ap, reinterpret_cast<const E*>(base + p * wpanel),
+                   C + m0 * ldc + n0, half);
+      }
+    }
+  }
+}
+
+// C = A B (+ C) with float32 accumulation through the micro-kernel; E = float or BFloat16.
+template <typename E>
+void gemm_brgemm(int64_t M, int64_t N, int64_t K, Mat<E> A, Mat<E> B, bool accumulate, float* C, int64_t ldc,
+                 Work& w) {
+  if (M == 0 || N == 0) return;
+  if constexpr (std::is_same_v<E, float>) {
+    if (B.cs == 1 && K > 0) {
+      // A row-major float32 B is read in place.
+      for (int64_t k0 = 0; k0 < K; k0 += kKb) {
+        const int64_t kk = std::min(kKb, K - k0);
+        for (int64_t m0 = 0; m0 < M; m0 += kMb) {
+          const int64_t mm = std::min(kMb, M - m0);
+          const float* ap;
+          int64_t lda;
+          if (A.cs == 1) {
+            ap = A.p + m0 * A.rs + k0;
+            lda = A.rs;
+          } else {
+            float* pa = reinterpret_cast<float*>(w.a.get(mm * kk));
+            pack_a(A, m0, mm, k0, kk, kk, pa, w);
+            ap = pa;
+            lda = kk;
+          }
+          for (int64_t n0 = 0; n0 < N; n0 += kNb)
+            cb::brgemm(mm, std::min(kNb, N - n0), kk, lda, B.rs, ldc, accumulate || k0 > 0, ap,
+                       B.p + k0 * B.rs + n0, C + m0 * ldc + n0, false);
+        }
+      }
+      return;
+    }
+  }
+  pack_b(B, K, N, w.b);
+  gemm_packed(M, N, A, w.b, accumulate, C, ldc, w);
+}
+#endif  // PYCURV_HAVE_BRGEMM
+
+// C (+)= A B: E the operands' dtype, T the accumulation / output dtype; brg selects the micro-kernel.
+template <typename E, typename T>
+void gemm(int64_t M, int64_t N, int64_t K, Mat<E> A, Mat<E> B, bool accumulate, T* C, int64_t ldc, Work& w,
+          bool brg) {
+#ifdef PYCURV_HAVE_BRGEMM
+  if constexpr (std::is_same_v<T, float>) {
+    if (brg) return gemm_brgemm<E>(M, N, K, A, B, accumulate, C, ldc, w);
+  }
+#endif
+  if constexpr (std::is_same_v<E, T>) {
+    gemm_aten<T>(M, N, K, A, B, accumulate, C, ldc);
+  } else {
+    TORCH_CHECK(false, "pycurv: bfloat16 operands need the BRGEMM micro-kernel");
+  }
+}
+
+// Right operand Y of C = X Y^T (Y: (N, K) rows of stride ldy), packed once and reused for many X.
+template <typename E, typename T>
+class RightNT {
+ public:
+  void set(const E* y, int64_t ldy, int64_t K, int64_t N, bool brg, Work& w) {
+    y_ = y;
+    ldy_ = ldy;
+    K_ = K;
+    N_ = N;
+    brg_ = brg;
+#ifdef PYCURV_HAVE_BRGEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (brg) pack_b<E>({y, 1, ldy}, K, N, packed_);
+    }
+#endif
+    (void)w;
+  }
+
+  // C[:, :n] (+)= X Y[:n]^T, X: (M, K) rows of stride ldx, n <= N.
+  void mul(int64_t M, int64_t n, const E* x, int64_t ldx, bool accumulate, T* c, int64_t ldc, Work& w) const {
+#ifdef PYCURV_HAVE_BRGEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (brg_) return gemm_packed<E>(M, n, {x, ldx, 1}, packed_, accumulate, c, ldc, w);
+    }
+#endif
+    gemm<E, T>(M, n, K_, {x, ldx, 1}, {y_, 1, ldy_}, accumulate, c, ldc, w, false);
+  }
+
+ private:
+  const E* y_ = nullptr;
+  int64_t ldy_ = 0, K_ = 0, N_ = 0;
+  bool brg_ = false;
+  Packed packed_;
+};
+
+// Releases the micro-kernel's hardware context (AMX tiles) held by this thread, if any.
+void release_brgemm(bool used_half) {
+#ifdef PYCURV_HAVE_BRGEMM
+  if (used_half) cb::brgemm_release(true);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused elementwise kernels (single-threaded; the callers parallelise over tiles).
+
+template <typename T>
+inline T to_acc(T x) {
+  return x;
+}
+inline float to_acc(BFloat16 x) { return static_cast<float>(x); }
+
+// sum_i (x[i] + bias) * y[i]
+template <typename T>
+inline T dot_bias(const T* x, const T* y, int64_t n, T bias) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += (x[i] + bias) * y[i];
+  return s;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+bool cpu_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// bfloat16 -> float32 is a 16-bit shift of the bit pattern.
+__attribute__((target("avx2,fma"))) inline __m256 load8(const BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// sum_i x[i]^2 with four independent accumulators (a single one would be bound by the add latency).
+template <typename E>
+__attribute__((target("avx2,fma"))) float sumsq_avx2(const E* x, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256 v0 = load8(x + i), v1 = load8(x + i + 8), v2 = load8(x + i + 16), v3 = load8(x + i + 24);
+    s0 = _mm256_fmadd_ps(v0, v0, s0);
+    s1 = _mm256_fmadd_ps(v1, v1, s1);
+    s2 = _mm256_fmadd_ps(v2, v2, s2);
+    s3 = _mm256_fmadd_ps(v3, v3, s3);
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = load8(x + i);
+    s0 = _mm256_fmadd_ps(v, v, s0);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  float r = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; i < n; ++i) r += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+  return r;
+}
+#define PYCURV_HAVE_AVX2_SUMSQ 1
+#endif
+
+template <typename T, typename E>
+inline T sumsq(const E* x, int64_t n) {
+#ifdef PYCURV_HAVE_AVX2_SUMSQ
+  if constexpr (std::is_same_v<T, float> && (std::is_same_v<E, float> || std::is_same_v<E, BFloat16>)) {
+    if (cpu_avx2()) return sumsq_avx2(x, n);
+  }
+#endif
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = to_acc(x[i]);
+    s += v * v;
+  }
+  return s;
+}
+
+// out[p*ldo + q] = sum_{t,s < T} (ga + bias) * gb over the (T x T) block (p, q) of two row-major Gram tiles.
+template <typename T>
+void block_hadamard_sum(const T* ga, const T* gb, int64_t ld, int64_t P, int64_t Q, int64_t Tn, T bias, T* out,
+                        int64_t ldo) {
+  for (int64_t p = 0; p < P; ++p) {
+    T* o = out + p * ldo;
+    for (int64_t q = 0; q < Q; ++q) o[q] = 0;
+    for (int64_t t = 0; t < Tn; ++t) {
+      const T* ra = ga + (p * Tn + t) * ld;
+      const T* rb = gb + (p * Tn + t) * ld;
+      if (Tn == 1) {
+#pragma omp simd
+        for (int64_t q = 0; q < Q; ++q) o[q] += (ra[q] + bias) * rb[q];
+      } else {
+        for (int64_t q = 0; q < Q; ++q) o[q] += dot_bias(ra + q * Tn, rb + q * Tn, Tn, bias);
+      }
+    }
+  }
+}
+
+// X(o, i) = sum_{t < T} g[t*gst + o] * a[t*ast + i] for o < bo, i < bi (row stride ldx): the per-sample gradient
+// block for few time steps, where a GEMM call would be dominated by its overhead.
+template <typename E, typename T>
+void small_t_outer(const E* g, int64_t gst, const E* a, int64_t ast, int64_t Tn, int64_t bo, int64_t bi, T* x,
+                   int64_t ldx) {
+  for (int64_t o = 0; o < bo; ++o) {
+    T* row = x + o * ldx;
+    const T g0 = to_acc(g[o]);
+#pragma omp simd
+    for (int64_t i = 0; i < bi; ++i) row[i] = g0 * to_acc(a[i]);
+    for (int64_t t = 1; t < Tn; ++t) {
+      const T gt = to_acc(g[t * gst + o]);
+      const E* at = a + t * ast;
+#pragma omp simd
+      for (int64_t i = 0; i < bi; ++i) row[i] += gt * to_acc(at[i]);
+    }
+  }
+}
+
+// Per-sample gradient block X = g_n[:, o-block]^T a_n[:, i-block] (bo x bi, row stride ldx).
+template <typename E, typename T>
+void grad_block(const E* g, int64_t gst, const E* a, int64_t ast, int64_t Tn, int64_t bo, int64_t bi, T* x,
+                int64_t ldx, Work& w, bool brg) {
+  if (Tn <= kSmallT) {
+    small_t_outer<E, T>(g, gst, a, ast, Tn, bo, bi, x, ldx);
+  } else {
+    gemm<E, T>(bo, bi, Tn, {g, 1, gst}, {a, ast, 1}, false, x, ldx, w, brg);
+  }
+}
+
+// K[j, i] = K[i, j] for i > j: the kernels fill the lower triangle (block-wise), this makes K exactly symmetric.
+// 16 x 16 blocks keep the transposed writes within a few cache lines.
+template <typename T>
+void mirror_lower(T* k, int64_t n) {
+  constexpr int64_t B = 16;
+  for (int64_t i0 = 0; i0 < n; i0 += B)
+    for (int64_t j0 = 0; j0 <= i0; j0 += B)
+      for (int64_t i = i0; i < std::min(n, i0 + B); ++i)
+        for (int64_t j = j0; j < std::min(i, j0 + B); ++j) k[j * n + i] = k[i * n + j];
+}
+
+// Lower triangle (block-wise) of K += X X^T, X: (n, len) rows of stride ldx: row blocks of K against the columns up to
+// their end, which skips about half the work once n spans several blocks. y: reusable packing of X^T.
+template <typename T>
+void syrk_lower(int64_t n, int64_t len, const T* x, int64_t ldx, T* k, RightNT<T, T>& y, Work& w, bool brg) {
+  const int64_t rb = n >= 128 ? 32 : (n >= 32 ? 16 : n);
+  y.set(x, ldx, len, n, brg, w);
+  for (int64_t i0 = 0; i0 < n; i0 += rb) {
+    const int64_t i1 = std::min(n, i0 + rb);
+    y.mul(i1 - i0, i1, x + i0 * ldx, ldx, true, k + i0 * n, n, w);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tile access to an input x: (N, T, D) of any float dtype and strides, in the compute dtype E with a unit stride
+// along D: element (n, t, d) of a tile is p[n*sn + t*st + d].
+
+template <typename E>
+struct TileView {
+  const E* p;
+  int64_t sn, st;
+  // Row stride when the tile is read as (n T, D) rows (for T == 1 the sample stride).
+  int64_t ld(int64_t tn) const { return tn == 1 ? sn : st; }
+};
+
+template <typename E>
+class Input {
+ public:
+  // flat: the tiles must be usable as (n T, D) row-major matrices (sn == T*st), as the ghost GEMMs need.
+  Input(const Tensor& x, bool flat) : src_(x), N(x.size(0)), Tn(x.size(1)), D(x.size(2)), flat_(flat) {
+    if (x.scalar_type() == scalar_of<E>() && usable(x.stride(0), x.stride(1), x.stride(2))) {
+      whole_ = x;
+    } else if (x.numel() <= kWholeElems) {
+      whole_ = at::empty({N, Tn, D}, x.options().dtype(scalar_of<E>()));
+      whole_.copy_(x);
+    }
+  }
+
+  bool is_whole() const { return whole_.defined(); }
+
+  // x[n0:n1, :, c0:c1]; `scratch` keeps a converted copy alive when the input is not held whole.
+  TileView<E> tile(int64_t n0, int64_t n1, int64_t c0, int64_t c1, Tensor& scratch) const {
+    if (whole_.defined()) {
+      return {whole_.data_ptr<E>() + n0 * whole_.stride(0) + c0, whole_.stride(0), whole_.stride(1)};
+    }
+    scratch = at::empty({n1 - n0, Tn, c1 - c0}, src_.options().dtype(scalar_of<E>()));
+    scratch.copy_(src_.slice(0, n0, n1).slice(2, c0, c1));
+    return {scratch.data_ptr<E>(), Tn * (c1 - c0), c1 - c0};
+  }
+
+ private:
+  bool usable(int64_t sn, int64_t st, int64_t sd) const {
+    if (sd != 1 && D > 1) return false;
+    if (Tn > 1 && st < D) return false;  // GEMM operands need a row stride >= the row length
+    if (Tn == 1 && sn < D) return false;
+    return !flat_ || Tn == 1 || sn == Tn * st;
+  }
+
+  const Tensor& src_;
+
+ public:
+  const int64_t N, Tn, D;
+
+ private:
+  bool flat_;
+  Tensor whole_;
+};
+
+// Bias sums sum_t g[n, t, :] in the accumulation dtype, (N, d_out) contiguous.
+Tensor bias_sums(const Tensor& g, at::ScalarType acc) { return at::sum(g, {1}, false, acc).contiguous(); }
+
+template <typename T>
+Tensor acc_empty(at::IntArrayRef sizes) {
+  return at::empty(sizes, at::TensorOptions().dtype(scalar_of<T>()));
+}
+
+template <typename T>
+Tensor acc_zeros(at::IntArrayRef sizes) {
+  return at::zeros(sizes, at::TensorOptions().dtype(scalar_of<T>()));
+}
+
+// Runs body(slot, next) on up to `slots` threads; next() hands out tile indices [0, ntiles) dynamically (tiles
+// differ in cost at the edges), or -1 when none are left. slot indexes per-thread partial results.
+template <typename F>
+void parallel_tiles(int64_t ntiles, int64_t slots, const F& body) {
+  std::atomic<int64_t> counter{0};
+  auto next = [&]() -> int64_t {
+    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < ntiles ? t : -1;
+  };
+  at::parallel_for(0, std::max<int64_t>(1, std::min(slots, ntiles)), 1,
+                   [&](int64_t s0, int64_t /*s1*/) { body(s0, next); });
+}
+
+int64_t num_threads() { return std::max(1, at::get_num_threads()); }
+
+// Operands of the per-sample products G_n = g_n^T a_n laid out once for the micro-kernel, for a run of samples:
+// g_n^T as a row-major (d_out x tp) A operand (tp = T, rounded up to even and zero-padded for bfloat16) and a_n
+// as the B operand (float32 rows read in place; bfloat16 packed into VNNI-2 words, (tp/2) x d_in). Packing each
+// sample once, instead of once per tile, keeps the packing cost O(input) whatever the tiling.
+template <typename E>
+class GradPack {
+ public:
+  // Packs samples [0, count) of the views (sample 0 of the views is the run's first sample).
+  void pack(const TileView<E>& vg, const TileView<E>& va, int64_t count, int64_t T, int64_t dout, int64_t di,
+            bool parallel) {
+    constexpr bool half = std::is_same_v<E, BFloat16>;
+    T_ = T;
+    tp_ = half ? T + (T % 2) : T;
+    dout_ = dout;
+    di_ = di;
+    gt_.get(count * dout * tp_);
+    if constexpr (half) {
+      av_.get(count * (tp_ / 2) * di);
+    } else {
+      a_ = va.p;
+      a_sn_ = va.sn;
+      a_st_ = va.st;
+    }
+#ifdef PYCURV_HAVE_BRGEMM
+    if constexpr (!std::is_same_v<E, double>) {
+      auto body = [&](int64_t s0, int64_t s1) {
+        Work w;
+        for (int64_t s = s0; s < s1; ++s) {
+          pack_a<E>({vg.p + s * vg.sn, 1, vg.st}, 0, dout, 0, T, tp_, gt_.data() + s * dout * tp_, w);
+          if constexpr (half) {
+            const BFloat16* as = va.p + s * va.sn;
+            uint32_t* out = av_.data() + s * (tp_ / 2) * di;
+            for (int64_t k = 0; k < T / 2; ++k)
+              interleave16(bits(as + 2 * k * va.st), bits(as + (2 * k + 1) * va.st), di, out + k * di);
+            if (T % 2) interleave16(bits(as + (T - 1) * va.st), nullptr, di, out + (T / 2) * di);
+          }
+        }
+      };
+      if (parallel) {
+        at::parallel_for(0, count, 1, body);
+      } else {
+        body(0, count);
+      }
+    }
+#else
+    (void)vg;
+    (void)count;
+#endif
+  }
+
+  // X (bo x bi, row stride ldx) = G_s[o0:o0+bo, c0:c0+bi] for packed sample s.
+  void block(int64_t s, int64_t o0, int64_t bo, int64_t c0, int64_t bi, float* x, int64_t ldx) const {
+#ifdef PYCURV_HAVE_BRGEMM
+    if constexpr (!std::is_same_v<E, double>) {
+      constexpr bool half = std::is_same_v<E, BFloat16>;
+      const int64_t kb = half ? kKbHalf : kKb;
+      const E* a = gt_.data() + (s * dout_ + o0) * tp_;
+      for (int64_t k0 = 0; k0 < T_; k0 += kb) {
+        const int64_t kk = std::min(kb, T_ - k0);
+        if constexpr (half) {
+          const int64_t kp = kk + (kk % 2);
+          const uint32_t* b = av_.data() + s * (tp_ / 2) * di_ + (k0 / 2) * di_ + c0;
+          cb::brgemm(bo, bi, kp, tp_, di_, ldx, k0 > 0, a + k0, reinterpret_cast<const BFloat16*>(b), x, true);
+        } else {
+          const float* b = a_ + s * a_sn_ + k0 * a_st_ + c0;
+          cb::brgemm(bo, bi, kk, tp_, a_st_, ldx, k0 > 0, a + k0, b, x, false);
+        }
+      }
+      return;
+    }
+#endif
+    (void)s, (void)o0, (void)bo, (void)c0, (void)bi, (void)x, (void)ldx;
+    TORCH_CHECK(false, "pycurv: packed per-sample gradients need the BRGEMM micro-kernel");
+  }
+
+ private:
+  Buf<E> gt_;
+  Buf<uint32_t> av_;
+  const E* a_ = nullptr;
+  int64_t a_sn_ = 0, a_st_ = 0;
+  int64_t T_ = 0, tp_ = 0, dout_ = 0, di_ = 0;
+};
+
+// Inputs up to this many elements (a and g together) are packed whole for the per-sample products; larger ones
+// are packed tile by tile.
+constexpr int64_t kPackElems = int64_t(1) << 23;
+
+// Whether the per-sample products of a materialize kernel run on operands packed once per sample.
+template <typename E>
+bool use_grad_pack(const Input<E>& ia, const Input<E>& ig, int64_t count, bool brg) {
+  return brg && !std::is_same_v<E, double> && ia.Tn > kSmallT && ia.is_whole() && ig.is_whole() &&
+         count * ia.Tn * (ia.D + ig.D) <= kPackElems;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Whether the micro-kernel path is usable here: CPU features, and self-tests of the driver against exact integer
+// results (any exception or mismatch falls back to ATen).
+
+struct BrgemmSupport {
+  bool f32 = false, bf16 = false;
+};
+
+#ifdef PYCURV_HAVE_BRGEMM
+// Runs the driver on small problems with odd sizes and every operand layout, against exact integer products.
+template <typename E>
+bool brgemm_self_test() {
+  try {
+    bool ok = true;
+    // Odd and even K, a narrow and a wide B, and a shape with several K blocks and a K tail.
+    const int64_t shapes[3][3] = {{13, 70, 9}, {13, 40, 10}, {70, 130, 1100}};
+    for (const auto& sh : shapes) {
+      const int64_t M = sh[0], N = sh[1], K = sh[2];
+      std::vector<E> a(M * K), at(K * M), bt(N * K), brow(K * N);
+      for (int64_t i = 0; i < M * K; ++i) a[i] = E(static_cast<float>((i * 7) % 11) - 5.0f);
+      for (int64_t i = 0; i < N * K; ++i) bt[i] = E(static_cast<float>((i * 5) % 13) - 6.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t n = 0; n < N; ++n) brow[k * N + n] = bt[n * K + k];
+        for (int64_t m = 0; m < M; ++m) at[k * M + m] = a[m * K + k];
+      }
+      // Integer products and sums below 2^24: exact in float32 in any order.
+      std::vector<float> c(M * N), want(M * N, 0.0f);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t k = 0; k < K; ++k) want[m * N + n] += float(a[m * K + k]) * float(bt[n * K + k]);
+      Work w;
+      for (int layout = 0; layout < 4; ++layout) {
+        Mat<E> A = layout & 1 ? Mat<E>{at.data(), 1, M} : Mat<E>{a.data(), K, 1};
+        Mat<E> B = layout & 2 ? Mat<E>{brow.data(), N, 1} : Mat<E>{bt.data(), 1, K};
+        std::fill(c.begin(), c.end(), 1.0f);
+        gemm_brgemm<E>(M, N, K, A, B, false, c.data(), N, w);
+        ok = ok && c == want;
+      }
+    }
+    cb::brgemm_release(std::is_same_v<E, BFloat16>);
+    return ok;
+  } catch (...) {
+    return false;
+  }
+}
+#endif
+
+// The packed per-sample products (wide micro-kernel calls with ldb != N, odd T) against exact integer sums.
+template <typename E>
+bool grad_pack_self_test() {
+#ifdef PYCURV_HAVE_BRGEMM
+  try {
+    // (T, d_out, d_in, o0, bo, c0, bi): odd T, and T beyond one K block of the bfloat16 kernel.
+    const int64_t cases[2][7] = {{9, 13, 150, 2, 11, 3, 140}, {1030, 20, 70, 4, 16, 5, 64}};
+    bool ok = true;
+    for (const auto& cs : cases) {
+      const int64_t T = cs[0], dout = cs[1], di = cs[2], o0 = cs[3], bo = cs[4], c0 = cs[5], bi = cs[6];
+      std::vector<E> g(T * dout), a(T * di);
+      for (int64_t i = 0; i < T * dout; ++i) g[i] = E(static_cast<float>((i * 7) % 11) - 5.0f);
+      for (int64_t i = 0; i < T * di; ++i) a[i] = E(static_cast<float>((i * 5) % 13) - 6.0f);
+      GradPack<E> gp;
+      gp.pack({g.data(), T * dout, dout}, {a.data(), T * di, di}, 1, T, dout, di, false);
+      std::vector<float> x(bo * bi, 1.0f);
+      gp.block(0, o0, bo, c0, bi, x.data(), bi);
+      for (int64_t o = 0; o < bo; ++o)
+        for (int64_t i = 0; i < bi; ++i) {
+          float want = 0;
+          for (int64_t t = 0; t < T; ++t) want += float(g[t * dout + o0 + o]) * float(a[t * di + c0 + i]);
+          ok = ok && x[o * bi + i] == want;
+        }
+    }
+    cb::brgemm_release(std::is_same_v<E, BFloat16>);
+    return ok;
+  } catch (...) {
+    return false;
+  }
+#else
+  return false;
+#endif
+}
+
+BrgemmSupport probe_brgemm() {
+  BrgemmSupport s;
+#ifdef PYCURV_HAVE_BRGEMM
+  const char* env = std::getenv("PYCURV_CPU_BRGEMM");
+  if (env != nullptr && env[0] == '0') return s;
+  if (!at::hasMKLDNN()) return s;
+  // The float32 micro-kernel and the packing need AVX2; the bfloat16 micro-kernel AVX-512.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  s.f32 = avx2 && brgemm_self_test<float>() && grad_pack_self_test<float>();
+  s.bf16 = s.f32 && avx512 && brgemm_self_test<BFloat16>() && grad_pack_self_test<BFloat16>();
+#endif
+  return s;
+}
+
+const BrgemmSupport& brgemm_support() {
+  static const BrgemmSupport s = probe_brgemm();
+  return s;
+}
+
+// Whether float32 / bfloat16 GEMMs of this call go through the micro-kernel (the user may turn oneDNN off).
+// The probe runs on the first call that could use it.
+bool use_brgemm_f32() { return at::globalContext().userEnabledMkldnn() && brgemm_support().f32; }
+bool use_brgemm_bf16() { return at::globalContext().userEnabledMkldnn() && brgemm_support().bf16; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// per_sample_gram
+
+// sum_{t,s} (A_i A_j^T + bias)[t,s] (B_i B_j^T)[t,s] for one sample pair whose T x T Grams exceed a tile: T is
+// cut into chunks of kGhostRows. For i == j (same) only chunk pairs at or below the diagonal are formed; those
+// below stand for their mirror images too. Rows of A / B are `sta` / `stg` apart.
+template <typename E, typename T>
+T ghost_pair_chunked(const E* ai, const E* aj, int64_t sta, const E* gi, const E* gj, int64_t stg, int64_t tn,
+                     int64_t di, int64_t dout, T bias, bool same, T* ga, T* gb, RightNT<E, T>& ya,
+                     RightNT<E, T>& yg, Work& w, bool brg) {
+  T total = 0;
+  for (int64_t s0 = 0; s0 < tn; s0 += kGhostRows) {
+    const int64_t ms = std::min(kGhostRows, tn - s0);
+    ya.set(aj + s0 * sta, sta, di, ms, brg, w);
+    yg.set(gj + s0 * stg, stg, dout, ms, brg, w);
+    for (int64_t t0 = same ? s0 : 0; t0 < tn; t0 += kGhostRows) {
+      const int64_t mt = std::min(kGhostRows, tn - t0);
+      ya.mul(mt, ms, ai + t0 * sta, sta, false, ga, ms, w);
+      yg.mul(mt, ms, gi + t0 * stg, stg, false, gb, ms, w);
+      const T part = dot_bias(ga, gb, mt * ms, bias);
+      total += (same && t0 != s0) ? 2 * part : part;
+    }
+  }
+  return total;
+}
+
+// Samples per block of the ghost Gram: about 4 block rows (symmetry saving, two threads' worth of block pairs),
+// blocks of at most kGhostRows rows (T per sample), and not so thin that the GEMMs starve.
+int64_t ghost_block(int64_t n, int64_t t) {
+  int64_t bs = std::min(cdiv(n, 4), std::max<int64_t>(1, kGhostRows / t));
+  if (bs * t < 32) bs = std::min(n, cdiv(32, t));
+  return std::max<int64_t>(1, std::min(bs, n));
+}
+
+template <typename E, typename T>
+Tensor gram_ghost(const Tensor& a, const Tensor& g, bool bias, bool brg) {
+  const int64_t n = a.size(0), tn = a.size(1), di = a.size(2), dout = g.size(2);
+  Input<E> ia(a, true), ig(g, true);
+  Tensor k = acc_empty<T>({n, n});
+  T* kp = k.data_ptr<T>();
+  const T one = bias ? T(1) : T(0);
+  if (tn > kGhostRows) {
+    // One sample's T x T Gram exceeds a tile: sample pairs as tasks, T in chunks.
+    const int64_t npairs = n * (n + 1) / 2;
+    parallel_tiles(npairs, num_threads(), [&](int64_t, auto&& next) {
+      Tensor buf = acc_empty<T>({2, kGhostRows, kGhostRows});
+      T* ga = buf.data_ptr<T>();
+      T* gb = ga + kGhostRows * kGhostRows;
+      Tensor sai, sgi, saj, sgj;
+      RightNT<E, T> ya, yg;
+      Work w;
+      for (int64_t p = next(); p >= 0; p = next()) {
+        int64_t i = 0;
+        while ((i + 1) * (i + 2) / 2 <= p) ++i;
+        const int64_t j = p - i * (i + 1) / 2;
+        auto ai = ia.tile(i, i + 1, 0, di, sai), aj = ia.tile(j, j + 1, 0, di, saj);
+        auto gi = ig.tile(i, i + 1, 0, dout, sgi), gj = ig.tile(j, j + 1, 0, dout, sgj);
+        kp[i * n + j] = ghost_pair_chunked<E, T>(ai.p, aj.p, ai.st, gi.p, gj.p, gi.st, tn, di, dout, one, i == j,
+                                                 ga, gb, ya, yg, w, brg);
+      }
+      release_brgemm(std::is_same_v<E, BFloat16>);
+    });
+    mirror_lower(kp, n);
+    return k;
+  }
+  const int64_t bs = ghost_block(n, tn), nb = cdiv(n, bs);
+  // (row block, col block) pairs with col <= row, grouped by column block: each thread takes a contiguous run
+  // of pairs and packs a column block once for all its rows.
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t bj = 0; bj < nb; ++bj)
+    for (int64_t bi = bj; bi < nb; ++bi) pairs.emplace_back(bi, bj);
+  const int64_t npairs = static_cast<int64_t>(pairs.size());
+  const int64_t slots = std::min(num_threads(), npairs), per = cdiv(npairs, slots);
+  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    const int64_t rows = bs * tn;
+    Tensor buf = acc_empty<T>({2, rows, rows});
+    T* ga = buf.data_ptr<T>();
+    T* gb = ga + rows * rows;
+    Tensor sai, sgi, saj, sgj;
+    RightNT<E, T> ya, yg;
+    Work w;
+    int64_t cur = -1;
+    for (int64_t p = s0 * per; p < std::min(npairs, s1 * per); ++p) {
+      const int64_t i0 = pairs[p].first * bs, i1 = std::min(n, i0 + bs);
+      const int64_t j0 = pairs[p].second * bs, j1 = std::min(n, j0 + bs);
+      const int64_t mi = (i1 - i0) * tn, mj = (j1 - j0) * tn;
+      if (pairs[p].second != cur) {
+        auto aj = ia.tile(j0, j1, 0, di, saj);
+        ya.set(aj.p, aj.ld(tn), di, mj, brg, w);
+        auto gj = ig.tile(j0, j1, 0, dout, sgj);
+        yg.set(gj.p, gj.ld(tn), dout, mj, brg, w);
+        cur = pairs[p].second;
+      }
+      auto ai = ia.tile(i0, i1, 0, di, sai);
+      ya.mul(mi, mj, ai.p, ai.ld(tn), false, ga, mj, w);
+      auto gi = ig.tile(i0, i1, 0, dout, sgi);
+      yg.mul(mi, mj, gi.p, gi.ld(tn), false, gb, mj, w);
+      block_hadamard_sum<T>(ga, gb, mj, i1 - i0, j1 - j0, tn, one, kp + i0 * n + j0, n);
+    }
+    release_brgemm(std::is_same_v<E, BFloat16>);
+  });
+  mirror_lower(kp, n);
+  return k;
+}
+
+// d_out x d_in block of the materialised per-sample gradients, for all samples at once (bo * bi * N <= budget).
+struct MatTile {
+  int64_t bo, bi;
+};
+
+MatTile mat_tile(int64_t n, int64_t di, int64_t dout, int64_t budget) {
+  // Blocks of about 64 d_out rows (multiples of 16 suit the micro-kernel) by as many d_in columns as fit (a
+  // multiple of 64, d_in being the contiguous side of a and of the block); fewer rows only for small layers.
+  const int64_t bi = std::min(di, std::max<int64_t>(64, budget / (n * 64) / 64 * 64));
+  int64_t bo = std::max<int64_t>(1, budget / (n * bi));
+  if (bo >= 32) bo = bo / 16 * 16;
+  bo = std::min(bo, dout);
+  const int64_t want = 4 * num_threads();  // a few tiles per thread for the dynamic schedule
+  while (cdiv(dout, bo) * cdiv(di, bi) < want && bo >= 32) bo = cdiv(bo / 2, 16) * 16;
+  return {bo, bi};
+}
+
+template <typename E, typename T>
+Tensor gram_materialize(const Tensor& a, const Tensor& g, bool bias, bool brg) {
+  const int64_t n = a.size(0), tn = a.size(1), di = a.size(2), dout = g.size(2);
+  Input<E> ia(a, false), ig(g, false);
+  // At least 64 x 256 per-sample blocks: the operands packed for each block are then reused enough.
+  const MatTile mt = mat_tile(n, di, dout, std::max(kTileElems, n * 64 * 256));
+  const int64_t no = cdiv(dout, mt.bo), ni = cdiv(di, mt.bi);
+  const int64_t slots = std::min(num_threads(), no * ni);
+  Tensor partial = acc_zeros<T>({slots, n, n});
+  T* pp = partial.data_ptr<T>();
+  const bool packed = use_grad_pack(ia, ig, n, brg);
+  GradPack<E> gp;
+  if (packed) {
+    Tensor s0, s1;
+    gp.pack(ig.tile(0, n, 0, dout, s0), ia.tile(0, n, 0, di, s1), n, tn, dout, di, true);
+  }
+  parallel_tiles(no * ni, slots, [&](int64_t slot, auto&& next) {
+    T* kp = pp + slot * n * n;
+    // Rows of X padded so that samples do not alias in the cache (their stride would often be 2^k bytes).
+    const int64_t ldx = cdiv(mt.bo * mt.bi, 16) * 16 + 16;
+    Tensor xb = acc_empty<T>({n * ldx});
+    T* x = xb.data_ptr<T>();
+    Tensor sa, sg;
+    Work w;
+    RightNT<T, T> y;
+    for (int64_t tile = next(); tile >= 0; tile = next()) {
+      const int64_t o0 = (tile / ni) * mt.bo, o1 = std::min(dout, o0 + mt.bo);
+      const int64_t c0 = (tile % ni) * mt.bi, c1 = std::min(di, c0 + mt.bi);
+      const int64_t bo = o1 - o0, bi = c1 - c0, len = bo * bi;
+      if constexpr (std::is_same_v<T, float>) {
+        if (packed) {
+          for (int64_t s = 0; s < n; ++s) gp.block(s, o0, bo, c0, bi, x + s * ldx, bi);
+        }
+      }
+      if (!packed) {
+        auto vg = ig.tile(0, n, o0, o1, sg);
+        auto va = ia.tile(0, n, c0, c1, sa);
+        for (int64_t s = 0; s < n; ++s)
+          grad_block<E, T>(vg.p + s * vg.sn, vg.st, va.p + s * va.sn, va.st, tn, bo, bi, x + s * ldx, bi, w, brg);
+      }
+      syrk_lower<T>(n, len, x, ldx, kp, y, w, brg);
+    }
+    release_brgemm(std::is_same_v<E, BFloat16>);
+  });
+  Tensor k = slots == 1 ? partial[0] : partial.sum(0);
+  if (bias) {
+    Tensor gs = bias_sums(g, k.scalar_type());
+    Work w;
+    RightNT<T, T> y;
+    syrk_lower<T>(n, dout, gs.data_ptr<T>(), dout, k.data_ptr<T>(), y, w, brg);
+  }
+  mirror_lower(k.data_ptr<T>(), n);
+  return k;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// per_sample_grad_sqnorms
+
+template <typename E, typename T>
+Tensor sqnorms_ghost(const Tensor& a, const Tensor& g, bool bias, bool brg) {
+  const int64_t n = a.size(0), tn = a.size(1), di = a.size(2), dout = g.size(2);
+  Tensor s = acc_empty<T>({n});
+  T* sp = s.data_ptr<T>();
+  Input<E> ia(a, true), ig(g, true);
+  const T one = bias ? T(1) : T(0);
+  if (tn == 1) {
+    // ||g_n a_n^T||^2 + bias ||g_n||^2 = (||a_n||^2 + bias) ||g_n||^2
+    at::parallel_for(0, n, 64, [&](int64_t n0, int64_t n1) {
+      Tensor sa, sg;
+      auto va = ia.tile(n0, n1, 0, di, sa);
+      auto vg = ig.tile(n0, n1, 0, dout, sg);
+      for (int64_t i = 0; i < n1 - n0; ++i)
+        sp[n0 + i] = (sumsq<T>(va.p + i * va.sn, di) + one) * sumsq<T>(vg.p + i * vg.sn, dout);
+    });
+    return s;
+  }
+  if (tn > kGhostRows) {
+    parallel_tiles(n, num_threads(), [&](int64_t, auto&& next) {
+      Tensor buf = acc_empty<T>({2, kGhostRows, kGhostRows});
+      T* ga = buf.data_ptr<T>();
+      T* gb = ga + kGhostRows * kGhostRows;
+      Tensor sa, sg;
+      RightNT<E, T> ya, yg;
+      Work w;
+      for (int64_t i = next(); i >= 0; i = next()) {
+        auto va = ia.tile(i, i + 1, 0, di, sa);
+        auto vg = ig.tile(i, i + 1, 0, dout, sg);
+        sp[i] = ghost_pair_chunked<E, T>(va.p, va.p, va.st, vg.p, vg.p, vg.st, tn, di, dout, one, true, ga, gb, ya,
+                                         yg, w, brg);
+      }
+      release_brgemm(std::is_same_v<E, BFloat16>);
+    });
+    return s;
+  }
+  // Only the lower triangles of the symmetric T x T Grams are formed (row strips against the columns up to
+  // their end): sum = sum_t (Ga_tt + bias) Gb_tt + 2 sum_{s<t} (Ga_ts + bias) Gb_ts.
+  const int64_t rb = tn >= 64 ? cdiv(tn, 4) : tn;
+  parallel_tiles(n, num_threads(), [&](int64_t, auto&& next) {
+    Tensor buf = acc_empty<T>({2, tn, tn});
+    T* ga = buf.data_ptr<T>();
+    T* gb = ga + tn * tn;
+    Tensor sa, sg;
+    RightNT<E, T> ya, yg;
+    Work w;
+    for (int64_t i = next(); i >= 0; i = next()) {
+      auto va = ia.tile(i, i + 1, 0, di, sa);
+      auto vg = ig.tile(i, i + 1, 0, dout, sg);
+      ya.set(va.p, va.st, di, tn, brg, w);
+      yg.set(vg.p, vg.st, dout, tn, brg, w);
+      for (int64_t r0 = 0; r0 < tn; r0 += rb) {
+        const int64_t r1 = std::min(tn, r0 + rb);
+        ya.mul(r1 - r0, r1, va.p + r0 * va.st, va.st, false, ga + r0 * tn, tn, w);
+        yg.mul(r1 - r0, r1, vg.p + r0 * vg.st, vg.st, false, gb + r0 * tn, tn, w);
+      }
+      T diag = 0, off = 0;
+      for (int64_t t = 0; t < tn; ++t) {
+        diag += (ga[t * tn + t] + one) * gb[t * tn + t];
+        off += dot_bias(ga + t * tn, gb + t * tn, t, one);
+      }
+      sp[i] = diag + 2 * off;
+    }
+    release_brgemm(std::is_same_v<E, BFloat16>);
+  });
+  return s;
+}
+
+template <typename E, typename T>
+Tensor sqnorms_materialize(const Tensor& a, const Tensor& g, bool bias, bool brg) {
+  const int64_t n = a.size(0), tn = a.size(1), di = a.size(2), dout = g.size(2);
+  Tensor s = acc_empty<T>({n});
+  T* sp = s.data_ptr<T>();
+  Input<E> ia(a, false), ig(g, false);
+  const int64_t bi = std::min<int64_t>(di, 256);
+  const int64_t bo = std::min(dout, std::max<int64_t>(1, kBlockElems / bi));
+  const bool packed = brg && !std::is_same_v<E, double> && tn > kSmallT;
+  parallel_tiles(n, num_threads(), [&](int64_t, auto&& next) {
+    Tensor xb = acc_empty<T>({bo * bi});
+    T* x = xb.data_ptr<T>();
+    Tensor sa, sg;
+    Work w;
+    GradPack<E> gp;
+    for (int64_t i = next(); i >= 0; i = next()) {
+      auto va = ia.tile(i, i + 1, 0, di, sa);
+      auto vg = ig.tile(i, i + 1, 0, dout, sg);
+      if (packed) gp.pack(vg, va, 1, tn, dout, di, false);
+      T acc = 0;
+      for (int64_t o0 = 0; o0 < dout; o0 += bo) {
+        const int64_t o1 = std::min(dout, o0 + bo);
+        for (int64_t c0 = 0; c0 < di; c0 += bi) {
+          const int64_t c1 = std::min(di, c0 + bi);
+          if constexpr (std::is_same_v<T, float>) {
+            if (packed) gp.block(0, o0, o1 - o0, c0, c1 - c0, x, c1 - c0);
+          }
+          if (!packed)
+            grad_block<E, T>(vg.p + o0, vg.st, va.p + c0, va.st, tn, o1 - o0, c1 - c0, x, c1 - c0, w, brg);
+          acc += sumsq<T>(x, (o1 - o0) * (c1 - c0));
+        }
+      }
+      sp[i] = acc;
+    }
+    release_brgemm(std::is_same_v<E, BFloat16>);
+  });
+  if (bias) {
+    Tensor gs = bias_sums(g, s.scalar_type());
+    s.add_(gs.square().sum(1));
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// ef_diag
+
+template <typename E, typename T>
+Tensor ef_diag_impl(const Tensor& a, const Tensor& g, bool bias, bool brg) {
+  const int64_t n = a.size(0), tn = a.size(1), di = a.size(2), dout = g.size(2);
+  const int64_t w = di + (bias ? 1 : 0);
+  Tensor d = acc_zeros<T>({dout, w});
+  T* dp = d.data_ptr<T>();
+  Input<E> ia(a, false), ig(g, false);
+  if (tn == 1) {
+    // D = (g*g)^T [a*a, 1] over chunks of samples: one GEMM per chunk and d_out block, the bias column rides
+    // along as ones (sum_t g = g for T = 1).
+    const int64_t chunk = std::max<int64_t>(1, std::min(n, kTileElems / (w + dout)));
+    Tensor sqa = acc_empty<T>({chunk, w}), sqg = acc_empty<T>({chunk, dout});
+    T* qa = sqa.data_ptr<T>();
+    T* qg = sqg.data_ptr<T>();
+    const int64_t ob = std::max<int64_t>(16, cdiv(dout, 4 * num_threads()));
+    Tensor sa, sg;
+    for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+      const int64_t n1 = std::min(n, n0 + chunk), m = n1 - n0;
+      auto va = ia.tile(n0, n1, 0, di, sa);
+      auto vg = ig.tile(n0, n1, 0, dout, sg);
+      at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const E* ar = va.p + r * va.sn;
+          const E* gr = vg.p + r * vg.sn;
+          T* qar = qa + r * w;
+          T* qgr = qg + r * dout;
+#pragma omp simd
+          for (int64_t i = 0; i < di; ++i) qar[i] = to_acc(ar[i]) * to_acc(ar[i]);
+          if (bias) qar[di] = 1;
+#pragma omp simd
+          for (int64_t o = 0; o < dout; ++o) qgr[o] = to_acc(gr[o]) * to_acc(gr[o]);
+        }
+      });
+      parallel_tiles(cdiv(dout, ob), num_threads(), [&](int64_t, auto&& next) {
+        Work wk;
+        for (int64_t b = next(); b >= 0; b = next()) {
+          const int64_t o0 = b * ob, o1 = std::min(dout, o0 + ob);
+          gemm<T, T>(o1 - o0, w, m, {qg + o0, 1, dout}, {qa, w, 1}, true, dp + o0 * w, w, wk, brg);
+        }
+      });
+    }
+    return d;
+  }
+  int64_t bi = std::min<int64_t>(di, 256), bo = std::min(dout, std::max<int64_t>(1, kBlockElems / bi));
+  while (cdiv(dout, bo) * cdiv(di, bi) < 4 * num_threads() && bo > 8) bo = cdiv(bo, 2);
+  const int64_t no = cdiv(dout, bo), ni = cdiv(di, bi);
+  // Samples per converted input tile, when the input is not held whole.
+  const int64_t nchunk = std::max<int64_t>(1, kTileElems / (tn * (bo + bi)));
+  const bool packed = use_grad_pack(ia, ig, n, brg);
+  GradPack<E> gp;
+  if (packed) {
+    Tensor s0, s1;
+    gp.pack(ig.tile(0, n, 0, dout, s0), ia.tile(0, n, 0, di, s1), n, tn, dout, di, true);
+  }
+  parallel_tiles(no * ni, num_threads(), [&](int64_t, auto&& next) {
+    Tensor xb = acc_empty<T>({bo * bi});
+    T* x = xb.data_ptr<T>();
+    Tensor sa, sg;
+    Work wk;
+    auto accumulate = [&](int64_t o0, int64_t mo, int64_t c0, int64_t mi) {
+      for (int64_t o = 0; o < mo; ++o) {
+        T* drow = dp + (o0 + o) * w + c0;
+        const T* xr = x + o * mi;
+#pragma omp simd
+        for (int64_t i = 0; i < mi; ++i) drow[i] += xr[i] * xr[i];
+      }
+    };
+    for (int64_t tile = next(); tile >= 0; tile = next()) {
+      const int64_t o0 = (tile / ni) * bo, o1 = std::min(dout, o0 + bo);
+      const int64_t c0 = (tile % ni) * bi, c1 = std::min(di, c0 + bi);
+      const int64_t mo = o1 - o0, mi = c1 - c0;
+      if constexpr (std::is_same_v<T, float>) {
+        if (packed) {
+          for (int64_t s = 0; s < n; ++s) {
+            gp.block(s, o0, mo, c0, mi, x, mi);
+            accumulate(o0, mo, c0, mi);
+          }
+        }
+      }
+      if (packed) continue;
+      for (int64_t n0 = 0; n0 < n; n0 += nchunk) {
+        const int64_t n1 = std::min(n, n0 + nchunk);
+        auto vg = ig.tile(n0, n1, o0, o1, sg);
+        auto va = ia.tile(n0, n1, c0, c1, sa);
+        for (int64_t s = 0; s < n1 - n0; ++s) {
+          grad_block<E, T>(vg.p + s * vg.sn, vg.st, va.p + s * va.sn, va.st, tn, mo, mi, x, mi, wk, brg);
+          accumulate(o0, mo, c0, mi);
+        }
+      }
+    }
+    release_brgemm(std::is_same_v<E, BFloat16>);
+  });
+  if (bias) {
+    Tensor gs = bias_sums(g, d.scalar_type());
+    d.select(1, di).copy_(gs.square().sum(0));
+  }
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dispatch on the compute dtype: float64 -> double; bfloat16 with the bfloat16 micro-kernel -> bfloat16 operands
+// with float32 accumulation; everything else -> float32.
+
+enum class Compute { f64, f32, bf16 };
+
+Compute compute_of(const Tensor& a) {
+  if (a.scalar_type() == c10::kDouble) return Compute::f64;
+  if (a.scalar_type() == c10::kBFloat16 && use_brgemm_bf16()) return Compute::bf16;
+  return Compute::f32;
+}
+
+// Degenerate sizes (an empty dimension) go through the plain formulas, which handle them without special cases.
+bool degenerate(const Tensor& a, const Tensor& g) { return a.numel() == 0 || g.numel() == 0; }
+
+#define PYCURV_DISPATCH(fn, a, g, bias)                                       \
+  switch (compute_of(a)) {                                                    \
+    case Compute::f64:                                                        \
+      return fn<double, double>(a, g, bias, false);                           \
+    case Compute::bf16:                                                       \
+      return fn<BFloat16, float>(a, g, bias, true);                           \
+    default:                                                                  \
+      return fn<float, float>(a, g, bias, use_brgemm_f32());                  \
+  }
+
+}  // namespace
 
 at::Tensor per_sample_grad_sqnorms_cpu(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method) {
   check_ag(a, g, "per_sample_grad_sqnorms");
-  bool ghost = parse_method_is_ghost(method, "per_sample_grad_sqnorms");
-  auto dt = acc_dtype(a.scalar_type());
-  auto a3 = a.to(dt), g3 = g.to(dt);
-  at::Tensor s = ghost ? (at::bmm(a3, a3.transpose(1, 2)) * at::bmm(g3, g3.transpose(1, 2))).sum({1, 2})
-                       : at::bmm(g3.transpose(1, 2), a3).square().sum({1, 2});
-  if (bias) s = s + g3.sum(1).square().sum(1);
-  return s;
+  const bool ghost = parse_method_is_ghost(method, "per_sample_grad_sqnorms");
+  if (degenerate(a, g)) {
+    auto dt = acc_dtype(a.scalar_type());
+    auto s = at::zeros({a.size(0)}, a.options().dtype(dt));
+    return bias ? s + g.to(dt).sum(1).square().sum(1) : s;
+  }
+  if (ghost) {
+    PYCURV_DISPATCH(sqnorms_ghost, a, g, bias)
+  }
+  PYCURV_DISPATCH(sqnorms_materialize, a, g, bias)
 }
 
 at::Tensor per_sample_gram_cpu(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method) {
   check_ag(a, g, "per_sample_gram");
-  bool ghost = parse_method_is_ghost(method, "per_sample_gram");
-  auto dt = acc_dtype(a.scalar_type());
-  auto a3 = a.to(dt), g3 = g.to(dt);
-  int64_t n = a3.size(0), t = a3.size(1);
-  at::Tensor k;
+  const bool ghost = parse_method_is_ghost(method, "per_sample_gram");
+  if (degenerate(a, g)) {
+    auto dt = acc_dtype(a.scalar_type());
+    auto k = at::zeros({a.size(0), a.size(0)}, a.options().dtype(dt));
+    if (!bias) return k;
+    auto gs = g.to(dt).sum(1);
+    return k + at::mm(gs, gs.t());
+  }
   if (ghost) {
-    auto af = a3.reshape({n * t, -1}), gf = g3.reshape({n * t, -1});
-    k = (at::mm(af, af.t()) * at::mm(gf, gf.t())).view({n, t, n, t}).sum({1, 3});
-  } else {
-    auto j = at::bmm(g3.transpose(1, 2), a3).reshape({n, -1});
-    k = at::mm(j, j.t());
+    PYCURV_DISPATCH(gram_ghost, a, g, bias)
   }
-  if (bias) {
-    auto gs = g3.sum(1);
-    k = k + at::mm(gs, gs.t());
-  }
-  return k;
+  PYCURV_DISPATCH(gram_materialize, a, g, bias)
 }
 
 at::Tensor ef_diag_cpu(const at::Tensor& a, const at::Tensor& g, bool bias) {
   check_ag(a, g, "ef_diag");
-  auto dt = acc_dtype(a.scalar_type());
-  auto a3 = a.to(dt), g3 = g.to(dt);
-  auto d = at::bmm(g3.transpose(1, 2), a3).square().sum(0);
-  if (bias) d = at::cat({d, g3.sum(1).square().sum(0).unsqueeze(1)}, 1);
-  return d;
+  if (degenerate(a, g)) {
+    auto dt = acc_dtype(a.scalar_type());
+    auto d = at::zeros({g.size(2), a.size(2) + (bias ? 1 : 0)}, a.options().dtype(dt));
+    if (bias) d.select(1, a.size(2)).copy_(g.to(dt).sum(1).square().sum(0));
+    return d;
+  }
+  PYCURV_DISPATCH(ef_diag_impl, a, g, bias)
 }
+
+#undef PYCURV_DISPATCH
 
 TORCH_LIBRARY_IMPL(pycurv, CPU, m) {
   m.impl("per_sample_grad_sqnorms", &per_sample_grad_sqnorms_cpu);
