@@ -47,6 +47,29 @@ TORCH_LIBRARY(pycurv, m) {
   m.def("per_sample_grad_sqnorms(Tensor a, Tensor g, bool bias, str method) -> Tensor");
   m.def("per_sample_gram(Tensor a, Tensor g, bool bias, str method) -> Tensor");
   m.def("ef_diag(Tensor a, Tensor g, bool bias) -> Tensor");
+
+  // K-FAC (MATH.md section 2). Batched over B same-shape problems; the Python layer (pycurv/ops.py) adds and
+  // removes the batch dimension and validates everything first.
+  // factor: (B, d, d) float32/float64, contiguous, updated in place; x: (B, R, d_x) any float dtype and strides,
+  // d = d_x + bias. factor <- decay * factor + (1 - decay) * xb^T xb / R, xb = [x, 1]; decay == 0 never reads
+  // factor (so NaN/garbage in it is overwritten). Exactly symmetric result.
+  m.def("kfac_factor_update(Tensor(a!) factor, Tensor x, float decay, bool bias) -> ()");
+  // m: (B, d, d) float32/float64 (lower triangle read); damping: (B,) float64 on m's device.
+  // Returns ((m + damping I)^-1 as m's dtype, exactly symmetric; info (B,) int32: 0 ok, k > 0 the k-th leading
+  // minor is not positive definite / the iteration did not converge). method: "cholesky" | "eigh" |
+  // "newton_schulz"; a kernel may implement a subset and says so in its error.
+  m.def("damped_inverse(Tensor m, Tensor damping, str method) -> (Tensor, Tensor)");
+  // m: (B, d, d) float32/float64 symmetric (lower triangle read). Returns (eigenvalues (B, d) ascending,
+  // eigenvectors (B, d, d) as columns), m's dtype.
+  m.def("sym_eig(Tensor m) -> (Tensor, Tensor)");
+  // grad: (B, d_out, d_in), g_inv: (B, d_out, d_out), a_inv: (B, d_in, d_in), one float dtype.
+  // Returns g_inv @ grad @ a_inv (B, d_out, d_in), accumulated in float32 (float64 for float64), grad's dtype.
+  m.def("kron_precondition(Tensor grad, Tensor g_inv, Tensor a_inv) -> Tensor");
+  // Eigenbasis form: q_g (B, d_out, d_out), q_a (B, d_in, d_in), d_g (B, d_out), d_a (B, d_in), damping (B,)
+  // float64. Returns q_g [(q_g^T grad q_a) / (d_g d_a^T + damping)] q_a^T, grad's dtype.
+  m.def(
+      "kron_precondition_eigen(Tensor grad, Tensor q_g, Tensor q_a, Tensor d_g, Tensor d_a, Tensor damping) -> "
+      "Tensor");
 }
 
 }  // namespace pycurv

@@ -16,7 +16,16 @@ if _C is not None:
     from . import _meta  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
 
 
-COMPILED_OPS = ("per_sample_grad_sqnorms", "per_sample_gram", "ef_diag")
+COMPILED_OPS = (
+    "per_sample_grad_sqnorms",
+    "per_sample_gram",
+    "ef_diag",
+    "kfac_factor_update",
+    "damped_inverse",
+    "sym_eig",
+    "kron_precondition",
+    "kron_precondition_eigen",
+)
 
 # Read once at import: kernels are registered by loading _C and never change afterwards, and a plain dict
 # lookup keeps backend selection traceable by torch.compile.

@@ -11,8 +11,10 @@ holds the gradient of each sample's own loss (a loss with ``reduction="sum"``).
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Callable
+import warnings
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,26 +28,50 @@ __all__ = [
     "per_sample_grad_sqnorms",
     "per_sample_gram",
     "ef_diag",
+    "kfac_factor_update",
+    "damped_inverse",
+    "DampingRaisedWarning",
+    "sym_eig",
+    "kron_precondition",
+    "kron_precondition_eigen",
+    "kl_clip_scale",
 ]
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-_triton_module = None
-_triton_error: str | None = None
+# Triton launcher module of each op family, imported on first use (importing triton is slow and may fail).
+_FAMILY = {
+    "per_sample_grad_sqnorms": "per_sample",
+    "per_sample_gram": "per_sample",
+    "ef_diag": "per_sample",
+    "kfac_factor_update": "kfac",
+    "damped_inverse": "kfac",
+    "sym_eig": "kfac",
+    "kron_precondition": "kfac",
+    "kron_precondition_eigen": "kfac",
+}
+_triton_modules: dict = {}
+_triton_errors: dict[str, str] = {}
+
+# Methods that a compiled backend implements for ops with a ``method``; the others run on "torch" under "auto".
+_METHODS = {
+    ("damped_inverse", "cpu"): ("cholesky", "eigh"),
+    ("damped_inverse", "cuda"): ("cholesky",),
+    ("damped_inverse", "triton"): ("newton_schulz",),
+}
 
 
-def _triton():
-    """pycurv.kernels.per_sample, imported on first use (importing triton is slow and may be missing)."""
-    global _triton_module, _triton_error
-    if _triton_module is None and _triton_error is None:
+def _triton(family: str = "per_sample"):
+    """``pycurv.kernels.<family>``, or None when triton cannot be imported (the reason is kept)."""
+    if family not in _triton_modules and family not in _triton_errors:
         try:
-            from .kernels import per_sample as mod
+            import importlib
 
-            _triton_module = mod
+            _triton_modules[family] = importlib.import_module(f"{__package__}.kernels.{family}")
         except Exception as exc:  # triton missing or broken: report through available_backends / pycurv.info
-            _triton_error = f"{type(exc).__name__}: {exc}"
-    return _triton_module
+            _triton_errors[family] = f"{type(exc).__name__}: {exc}"
+    return _triton_modules.get(family)
 
 
 def _triton_interpreting() -> bool:
@@ -73,22 +99,38 @@ def _backend_status(backend: str, device: torch.device, op: str) -> str | None:
             return "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
         if device.type not in ("cpu", "cuda"):
             return f"backend 'triton' needs CUDA tensors, got tensors on {device}"
-        if _triton() is None:
-            return f"triton is not usable ({_triton_error})"
+        family = _FAMILY.get(op, "per_sample")
+        mod = _triton(family)
+        if mod is None:
+            return f"triton is not usable ({_triton_errors[family]})"
+        if not hasattr(mod, f"{op}_triton"):
+            return f"there is no Triton kernel for {op}"
         return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def available_backends(device: torch.device | str, op: str = "per_sample_gram") -> list[str]:
-    """Backends that can run ``op`` on tensors of ``device``, best first (the order "auto" tries)."""
+def _method_status(backend: str, op: str, method: str | None) -> str | None:
+    if method is None or backend == "torch":
+        return None
+    have = _METHODS.get((op, backend))
+    if have is not None and method not in have:
+        return f"the {backend} kernel of {op} implements method {' / '.join(map(repr, have))}, not {method!r}"
+    return None
+
+
+def available_backends(device: torch.device | str, op: str = "per_sample_gram", method: str | None = None) -> list[str]:
+    """Backends that can run ``op`` (with ``method``, for ops that have one) on tensors of ``device``, best first
+    (the order "auto" tries)."""
     device = torch.device(device)
     order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
     if device.type == "cpu" and _triton_interpreting():
         order = ("cpu", "torch", "triton")
-    return [b for b in order if _backend_status(b, device, op) is None]
+    return [
+        b for b in order if _backend_status(b, device, op) is None and _method_status(b, op, method) is None
+    ]
 
 
-def _resolve_backend(backend: str, device: torch.device, op: str) -> str:
+def _resolve_backend(backend: str, device: torch.device, op: str, method: str | None = None) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -96,8 +138,8 @@ def _resolve_backend(backend: str, device: torch.device, op: str) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"{op}: PYCURV_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return available_backends(device, op)[0]
-    why = _backend_status(backend, device, op)
+        return available_backends(device, op, method)[0]
+    why = _backend_status(backend, device, op) or _method_status(backend, op, method)
     if why is not None:
         raise RuntimeError(f"{op}: backend {backend!r} is not available: {why}")
     return backend
@@ -163,15 +205,15 @@ def _check_method(method, op: str) -> str:
     return method
 
 
-def _dispatch(op: str, backend: str, a3: torch.Tensor, g3: torch.Tensor, *args) -> torch.Tensor:
+def _dispatch(op: str, backend: str, *args):
     fn: Callable
     if backend == "torch":
         fn = getattr(reference, op)
     elif backend in ("cpu", "cuda"):
         fn = getattr(torch.ops.pycurv, op)
     else:  # triton
-        fn = getattr(_triton(), f"{op}_triton")
-    return fn(a3, g3, *args)
+        fn = getattr(_triton(_FAMILY[op]), f"{op}_triton")
+    return fn(*args)
 
 
 def per_sample_grad_sqnorms(
@@ -235,3 +277,285 @@ def ef_diag(a: torch.Tensor, g: torch.Tensor, bias: bool = False, *, backend: st
     bias = _check_bias(bias, op)
     be = _resolve_backend(backend, a3.device, op)
     return _dispatch(op, be, a3, g3, bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# K-FAC (MATH.md section 2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(x, name: str, op: str, dtypes=_FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype {names}, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, x in items[1:]:
+        if x.device != first.device:
+            raise ValueError(f"{op}: {name} must be on {first_name}'s device {first.device}, got {x.device}")
+
+
+def _check_square(m: torch.Tensor, name: str, op: str) -> tuple[int, int]:
+    """``(B, d)`` of a ``(d, d)`` (B = 1) or ``(B, d, d)`` tensor."""
+    if m.dim() not in (2, 3) or m.shape[-1] != m.shape[-2]:
+        raise ValueError(f"{op}: {name} must be square, (d, d) or (B, d, d), got shape {tuple(m.shape)}")
+    return (m.shape[0] if m.dim() == 3 else 1), m.shape[-1]
+
+
+def _damping_vector(damping, b: int, device: torch.device, op: str, name: str = "damping") -> torch.Tensor:
+    """``damping`` (a number, a 0-d tensor or one value per matrix) as a ``(B,)`` float64 tensor on ``device``.
+    Python numbers are checked here (finite, >= 0); tensors are not inspected (no host synchronisation)."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float, torch.Tensor)):
+        raise TypeError(f"{op}: {name} must be a float or a tensor, got {type(damping).__name__}")
+    if isinstance(damping, torch.Tensor):
+        if damping.dim() > 1 or (damping.dim() == 1 and damping.shape[0] != b):
+            raise ValueError(f"{op}: {name} must be a number, 0-d or shape ({b},), got shape {tuple(damping.shape)}")
+        if not damping.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {damping.dtype}")
+        return damping.to(device=device, dtype=torch.float64).expand(b).contiguous()
+    if not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"{op}: {name} must be finite and >= 0, got {damping}")
+    return torch.full((b,), float(damping), dtype=torch.float64, device=device)
+
+
+def kfac_factor_update(
+    factor: torch.Tensor, x: torch.Tensor, decay: float, bias: bool = False, *, backend: str = "auto"
+) -> torch.Tensor:
+    """K-FAC running average, in place: ``factor <- decay * factor + (1 - decay) * xb^T xb / R``, returns ``factor``.
+
+    ``xb`` is ``x`` flattened over all leading dimensions into ``R`` rows, with a column of ones appended when
+    ``bias`` (never materialised). One factor: ``factor (d, d)``, ``x (..., d_x)``. Batched (many same-shape
+    factors in one launch): ``factor (B, d, d)``, ``x (B, ..., d_x)``. ``d = d_x + bias``. The result is exactly
+    symmetric; ``decay = 0`` overwrites ``factor`` without reading it.
+
+    ``factor`` is float32 or float64; ``x`` any float dtype (16-bit and float32 accumulate in float32; a float64
+    factor accumulates in float64). ``factor`` is untouched if the call fails.
+    """
+    op = "kfac_factor_update"
+    _check_tensor(factor, "factor", op, (torch.float32, torch.float64))
+    _check_tensor(x, "x", op)
+    b, d = _check_square(factor, "factor", op)
+    batched = factor.dim() == 3
+    if x.dim() < (3 if batched else 2):
+        want = "(B, ..., d_x) for a batched (B, d, d) factor" if batched else "(..., d_x) with at least 2 dims"
+        raise ValueError(f"{op}: x must be {want}, got shape {tuple(x.shape)}")
+    if batched and x.shape[0] != b:
+        raise ValueError(f"{op}: x must have factor's batch size {b} in dim 0, got shape {tuple(x.shape)}")
+    bias = _check_bias(bias, op)
+    if x.shape[-1] + int(bias) != d:
+        raise ValueError(
+            f"{op}: factor is ({d}, {d}), so x must have d_x = {d - int(bias)} features (bias={bias}), got shape "
+            f"{tuple(x.shape)}"
+        )
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"{op}: decay must be a number in [0, 1], got {decay!r}")
+    _check_same_device(op, factor=factor, x=x)
+    if x.dtype == torch.float64 and factor.dtype != torch.float64:
+        raise TypeError(f"{op}: float64 x needs a float64 factor, got factor {factor.dtype}")
+    if factor.dtype == torch.float64 and x.dtype != torch.float64:
+        x = x.double()
+    x3 = x.reshape(b, -1, x.shape[-1])
+    be = _resolve_backend(backend, factor.device, op)
+    f3 = factor if batched else factor.unsqueeze(0)
+    target = f3 if f3.is_contiguous() else f3.contiguous()
+    _dispatch(op, be, target, x3, float(decay), bias)
+    if target is not f3:
+        f3.copy_(target)
+    return factor
+
+
+class DampingRaisedWarning(RuntimeWarning):
+    """:func:`damped_inverse` raised the damping of a matrix that was not positive definite after damping."""
+
+
+_INVERSE_METHODS = ("cholesky", "eigh", "newton_schulz")
+
+
+def damped_inverse(
+    m: torch.Tensor,
+    damping,
+    method: str = "cholesky",
+    *,
+    backend: str = "auto",
+    max_raises: int = 12,
+    return_damping: bool = False,
+):
+    """``(m + damping I)^{-1}`` for symmetric positive semi-definite ``m: (d, d) | (B, d, d)``, shaped like ``m``.
+
+    ``damping``: a number or one value per matrix (``(B,)``), >= 0. ``method``: ``"cholesky"``, ``"eigh"`` or
+    ``"newton_schulz"`` (matmuls only; matrices whose residual ``||M X - I||_F / sqrt(d)`` has not reached the
+    tolerance are redone with Cholesky). "cholesky" and "eigh" read the lower triangle; the result is exactly
+    symmetric, in ``m``'s dtype (float32 / float64; 16-bit inputs are inverted in float32 and rounded back).
+
+    Matrices that are not positive definite after damping (indefinite, or rank-deficient with ``damping = 0``)
+    are not turned into NaN: their damping is raised, by at least ``eps * max|diag|`` and then tenfold each time,
+    at most ``max_raises`` times, with a :class:`DampingRaisedWarning` naming them; if that is not enough, or
+    ``m`` is not finite, ``ValueError``. With ``return_damping=True`` the damping actually used, ``(B,)``
+    float64, is returned too: ``(inverse, damping_used)``. One host synchronisation per call (the check).
+    """
+    op = "damped_inverse"
+    _check_tensor(m, "m", op)
+    b, _ = _check_square(m, "m", op)
+    if method not in _INVERSE_METHODS:
+        raise ValueError(f"{op}: method must be one of {_INVERSE_METHODS}, got {method!r}")
+    damp = _damping_vector(damping, b, m.device, op)
+    be = _resolve_backend(backend, m.device, op, method)
+    m3 = m if m.dim() == 3 else m.unsqueeze(0)
+    if m3.dtype in (torch.float16, torch.bfloat16):
+        m3 = m3.float()
+    inv, info = _dispatch(op, be, m3, damp, method)
+    bad = info != 0
+    if method == "newton_schulz" and bool(bad.any()):
+        idx = bad.nonzero().flatten()
+        be_c = _resolve_backend("auto", m.device, op, "cholesky")
+        inv_c, info_c = _dispatch(op, be_c, m3[idx].contiguous(), damp[idx].contiguous(), "cholesky")
+        inv[idx], info[idx] = inv_c, info_c
+        bad = info != 0
+    if bool(bad.any()):
+        inv, damp = _raise_damping(op, be, m3, inv, damp, bad, method, max_raises)
+    inv = inv.to(m.dtype)
+    if m.dim() == 2:
+        inv = inv[0]
+    return (inv, damp) if return_damping else inv
+
+
+def _raise_damping(op, be, m3, inv, damp, bad, method, max_raises):
+    """Redoes the matrices flagged in ``bad`` with more damping (see :func:`damped_inverse`)."""
+    if method == "newton_schulz":
+        method, be = "cholesky", _resolve_backend("auto", m3.device, op, "cholesky")
+    idx = bad.nonzero().flatten()
+    sub = m3[idx].contiguous()
+    if not bool(torch.isfinite(sub).all()):
+        rows = idx[~torch.isfinite(sub).flatten(1).all(1)].tolist()
+        raise ValueError(f"{op}: m is not finite (matrices {rows} of the batch hold inf or NaN)")
+    damp = damp.clone()
+    scale = sub.diagonal(dim1=1, dim2=2).abs().amax(1).double().clamp_min(torch.finfo(torch.float64).tiny)
+    floor = scale * torch.finfo(m3.dtype).eps * m3.shape[-1]
+    cur = torch.maximum(damp[idx], floor)
+    for _ in range(max_raises + 1):
+        inv_s, info_s = _dispatch(op, be, sub, cur, method)
+        ok = info_s == 0
+        if bool(ok.all()):
+            break
+        cur = torch.where(ok, cur, cur * 10)
+    else:
+        rows = idx[info_s != 0].tolist()
+        raise ValueError(
+            f"{op}: matrices {rows} of the batch are not positive definite even with damping raised "
+            f"{max_raises} times to {cur[info_s != 0].tolist()}"
+        )
+    inv[idx] = inv_s
+    damp[idx] = cur
+    pairs = ", ".join(f"{i}: {d:.3g}" for i, d in zip(idx.tolist(), cur.tolist()))
+    warnings.warn(
+        f"{op}: matrices not positive definite after damping; damping raised to {{{pairs}}}",
+        DampingRaisedWarning,
+        stacklevel=3,
+    )
+    return inv, damp
+
+
+def sym_eig(m: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of symmetric ``m: (d, d) | (B, d, d)`` (lower triangle
+    read), batched in one call: ``m = Q diag(lambda) Q^T``. float32 / float64 (16-bit inputs in float32)."""
+    op = "sym_eig"
+    _check_tensor(m, "m", op)
+    _check_square(m, "m", op)
+    be = _resolve_backend(backend, m.device, op)
+    m3 = m if m.dim() == 3 else m.unsqueeze(0)
+    if m3.dtype in (torch.float16, torch.bfloat16):
+        m3 = m3.float()
+    vals, vecs = _dispatch(op, be, m3)
+    return (vals, vecs) if m.dim() == 3 else (vals[0], vecs[0])
+
+
+def _check_precondition_args(op: str, grad, **mats) -> tuple[torch.Tensor, int, torch.dtype]:
+    """Validates ``grad`` and the per-layer matrices; returns ``(grad3, B, compute dtype)``."""
+    _check_tensor(grad, "grad", op)
+    if grad.dim() not in (2, 3):
+        raise ValueError(f"{op}: grad must be (d_out, d_in) or (B, d_out, d_in), got shape {tuple(grad.shape)}")
+    b = grad.shape[0] if grad.dim() == 3 else 1
+    d_out, d_in = grad.shape[-2], grad.shape[-1]
+    want = {"g_inv": (d_out, d_out), "a_inv": (d_in, d_in), "q_g": (d_out, d_out), "q_a": (d_in, d_in),
+            "d_g": (d_out,), "d_a": (d_in,)}
+    dtype = None
+    for name, x in mats.items():
+        _check_tensor(x, name, op)
+        shape = ((b,) if grad.dim() == 3 else ()) + want[name]
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{op}: grad is {tuple(grad.shape)}, so {name} must be {shape}, got {tuple(x.shape)}")
+        if dtype is not None and x.dtype != dtype:
+            raise TypeError(f"{op}: {name} must have the dtype {dtype} of the other factor matrices, got {x.dtype}")
+        dtype = x.dtype
+    _check_same_device(op, grad=grad, **mats)
+    # 16-bit gradients are preconditioned with the (usually float32) factor matrices' precision
+    compute = grad.dtype if grad.dtype == dtype else torch.promote_types(grad.dtype, dtype)
+    return (grad if grad.dim() == 3 else grad.unsqueeze(0)), b, compute
+
+
+def _b3(x: torch.Tensor, nd: int, dtype: torch.dtype) -> torch.Tensor:
+    return (x if x.dim() == nd + 1 else x.unsqueeze(0)).to(dtype)
+
+
+def kron_precondition(
+    grad: torch.Tensor, g_inv: torch.Tensor, a_inv: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """K-FAC step of a layer, ``g_inv @ grad @ a_inv`` = ``(A ⊗ G)^{-1} vec(grad)`` with the inverses of the factors
+    given. ``grad: (d_out, d_in) | (B, d_out, d_in)`` (bias gradient folded in as the last column),
+    ``g_inv: ([B,] d_out, d_out)``, ``a_inv: ([B,] d_in, d_in)``. Accumulated in float32 (float64 for float64);
+    returns ``grad``'s dtype. A 16-bit ``grad`` with float32 inverses is computed in float32."""
+    op = "kron_precondition"
+    g3, _, dt = _check_precondition_args(op, grad, g_inv=g_inv, a_inv=a_inv)
+    be = _resolve_backend(backend, grad.device, op)
+    out = _dispatch(op, be, g3.to(dt), _b3(g_inv, 2, dt), _b3(a_inv, 2, dt)).to(grad.dtype)
+    return out if grad.dim() == 3 else out[0]
+
+
+def kron_precondition_eigen(
+    grad: torch.Tensor,
+    q_g: torch.Tensor,
+    q_a: torch.Tensor,
+    d_g: torch.Tensor,
+    d_a: torch.Tensor,
+    damping,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """K-FAC step in the factors' eigenbasis with exact damping of the Kronecker product:
+    ``Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T`` where ``G = Q_G diag(d_G) Q_G^T``,
+    ``A = Q_A diag(d_A) Q_A^T`` (from :func:`sym_eig`). Shapes as :func:`kron_precondition` with ``d_g: ([B,] d_out)``,
+    ``d_a: ([B,] d_in)``; ``damping`` a number or ``(B,)``."""
+    op = "kron_precondition_eigen"
+    g3, b, dt = _check_precondition_args(op, grad, q_g=q_g, q_a=q_a, d_g=d_g, d_a=d_a)
+    damp = _damping_vector(damping, b, grad.device, op)
+    be = _resolve_backend(backend, grad.device, op)
+    out = _dispatch(
+        op, be, g3.to(dt), _b3(q_g, 2, dt), _b3(q_a, 2, dt), _b3(d_g, 1, dt), _b3(d_a, 1, dt), damp
+    ).to(grad.dtype)
+    return out if grad.dim() == 3 else out[0]
+
+
+def kl_clip_scale(
+    precond: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float, kl_clip: float
+) -> torch.Tensor:
+    """KL-clip factor ``nu = min(1, sqrt(kl_clip / |sum_l lr^2 <p_l, g_l>|))`` over all layers (Ba, Grosse &
+    Martens 2017), a 0-d tensor on the gradients' device: multiply every preconditioned gradient by it. No host
+    synchronisation."""
+    op = "kl_clip_scale"
+    if len(precond) != len(grads) or not grads:
+        raise ValueError(f"{op}: precond and grads must be equally long and non-empty, got {len(precond)} and {len(grads)}")
+    for i, (p, g) in enumerate(zip(precond, grads)):
+        if p.shape != g.shape:
+            raise ValueError(f"{op}: precond[{i}] must have grads[{i}]'s shape {tuple(g.shape)}, got {tuple(p.shape)}")
+    for name, v in (("lr", lr), ("kl_clip", kl_clip)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+            raise ValueError(f"{op}: {name} must be a finite number > 0, got {v!r}")
+    return reference.kl_clip_scale(list(precond), list(grads), float(lr), float(kl_clip))

@@ -18,6 +18,14 @@ __all__ = [
     "per_sample_grad_sqnorms",
     "per_sample_gram",
     "ef_diag",
+    "kfac_factor",
+    "kfac_factor_update",
+    "damped_inverse",
+    "newton_schulz_defaults",
+    "sym_eig",
+    "kron_precondition",
+    "kron_precondition_eigen",
+    "kl_clip_scale",
 ]
 
 
@@ -95,3 +103,152 @@ def ef_diag(a: torch.Tensor, g: torch.Tensor, bias: bool = False) -> torch.Tenso
     if bias:
         d = torch.cat([d, g3.sum(1).square().sum(0).unsqueeze(1)], dim=1)
     return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# K-FAC (Martens & Grosse 2015; Grosse & Martens 2016; MATH.md section 2). Batched forms take a leading batch
+# dimension B of independent same-shape problems; 2-d inputs are one problem.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _batched(x: torch.Tensor, nd: int) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == nd else x
+
+
+def kfac_factor(x: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    """``xb^T xb / R`` with ``xb = [x, 1]`` (ones column only with bias): ``x: (R, d_x)`` gives ``(d, d)``,
+    ``x: (B, R, d_x)`` gives ``(B, d, d)``, ``d = d_x + bias``. Accumulated in float32 (float64 for float64)."""
+    x3 = _batched(x, 2).to(acc_dtype(x.dtype))
+    rows = x3.shape[1]
+    f = x3.mT @ x3
+    if bias:
+        s = x3.sum(1)  # (B, d_x): the products with the ones column
+        top = torch.cat([f, s.unsqueeze(2)], dim=2)
+        corner = torch.full_like(s[:, :1], float(rows))
+        f = torch.cat([top, torch.cat([s, corner], dim=1).unsqueeze(1)], dim=1)
+    f = f / rows
+    return f if x.dim() == 3 else f[0]
+
+
+def kfac_factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, bias: bool = False) -> torch.Tensor:
+    """In place ``factor <- decay * factor + (1 - decay) * xb^T xb / R`` (K-FAC running average), returns ``factor``.
+
+    ``factor: (d, d)`` with ``x: (R, d_x)``, or ``factor: (B, d, d)`` with ``x: (B, R, d_x)``; ``d = d_x + bias``.
+    ``decay = 0`` overwrites ``factor`` without reading it.
+    """
+    new = kfac_factor(x, bias).to(factor.dtype)
+    if decay == 0:
+        return factor.copy_(new)
+    return factor.mul_(decay).add_(new, alpha=1.0 - decay)
+
+
+def newton_schulz_defaults(dtype: torch.dtype) -> tuple[int, float]:
+    """``(max_iter, tol)`` of the Newton-Schulz inverse: converged when ``||M X - I||_F / sqrt(d) <= tol``."""
+    return (60, 1e-10) if dtype == torch.float64 else (60, 1e-4)
+
+
+def _symmetrize(x: torch.Tensor) -> torch.Tensor:
+    """The lower triangle mirrored onto the upper one: exactly symmetric."""
+    low = x.tril()
+    return low + low.tril(-1).mT
+
+
+def damped_inverse(
+    m: torch.Tensor, damping: torch.Tensor | float, method: str = "cholesky"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((m + damping I)^{-1}, info)`` for symmetric ``m: (d, d) | (B, d, d)`` (float32 / float64; the lower
+    triangle is read by "cholesky" and "eigh"); ``damping`` a float or one value per matrix, shape ``(B,)``.
+
+    The inverse is exactly symmetric and has ``m``'s dtype. ``info`` (int32, one per matrix): 0 when the inverse
+    is valid, ``k > 0`` when the damped matrix is not positive definite ("cholesky": the order of the failing
+    leading minor; "eigh": 1 + the index of the first eigenvalue ``<= 0``) or, for "newton_schulz", when the
+    iteration did not reach its tolerance or the inverse has a diagonal entry <= 0 (then 1; definiteness is not
+    tested further). The public op redoes those with Cholesky and raises damping where needed.
+
+    - "cholesky": ``L L^T = m + damping I``, inverse from ``L``.
+    - "eigh": ``Q diag(1 / (lambda + damping)) Q^T``.
+    - "newton_schulz" (Schulz 1933; Ben-Israel & Cohen 1966): ``X_{k+1} = X_k (2I - M X_k)``,
+      ``X_0 = M^T / (||M||_1 ||M||_inf)``; matmuls only; stops when ``||M X - I||_F / sqrt(d) <= tol``
+      (see :func:`newton_schulz_defaults`).
+    """
+    m3 = _batched(m, 2)
+    b, d = m3.shape[0], m3.shape[-1]
+    damp = torch.as_tensor(damping, dtype=m3.dtype, device=m3.device).expand(b).reshape(b, 1, 1)
+    eye = torch.eye(d, dtype=m3.dtype, device=m3.device)
+    md = m3 + damp * eye
+    if method == "cholesky":
+        low, info = torch.linalg.cholesky_ex(md)
+        low = torch.where((info > 0).reshape(b, 1, 1), eye, low)  # failed factorisations: any finite output
+        inv = _symmetrize(torch.cholesky_inverse(low))
+    elif method == "eigh":
+        vals, vecs = torch.linalg.eigh(md)
+        bad = vals <= 0
+        info = torch.where(bad.any(1), bad.int().argmax(1) + 1, 0)
+        inv = _symmetrize((vecs / vals.unsqueeze(1)) @ vecs.mT)
+    elif method == "newton_schulz":
+        max_iter, tol = newton_schulz_defaults(m3.dtype)
+        md = _symmetrize(md)  # the iteration reads the whole matrix; "lower triangle" like the others
+        norm1 = md.abs().sum(1).amax(1)
+        norminf = md.abs().sum(2).amax(1)
+        x = md.mT / (norm1 * norminf).reshape(b, 1, 1)
+        for it in range(max_iter):
+            mx = md @ x
+            res = (mx - eye).norm(dim=(1, 2)) / d**0.5
+            done = res <= tol
+            if it % 8 == 0 and bool(done.all()):
+                break
+            x = 2 * x - x @ mx
+        res = (md @ x - eye).norm(dim=(1, 2)) / d**0.5
+        # the iteration inverts indefinite matrices too: a non-positive diagonal of the inverse flags them
+        info = (~(res <= tol) | (x.diagonal(dim1=1, dim2=2) <= 0).any(1)).int()
+        inv = _symmetrize(x)
+    else:
+        raise ValueError(f"method must be 'cholesky', 'eigh' or 'newton_schulz', got {method!r}")
+    info = info.to(torch.int32)
+    return (inv, info) if m.dim() == 3 else (inv[0], info)
+
+
+def sym_eig(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of symmetric ``m: (d, d) | (B, d, d)`` (lower triangle
+    read), in ``m``'s dtype: ``m = Q diag(lambda) Q^T``."""
+    return torch.linalg.eigh(m)
+
+
+def kron_precondition(grad: torch.Tensor, g_inv: torch.Tensor, a_inv: torch.Tensor) -> torch.Tensor:
+    """``g_inv @ grad @ a_inv``: the K-FAC step ``(A ⊗ G)^{-1} vec(grad)`` of a layer whose weight gradient (bias
+    folded in as the last column) is ``grad: (d_out, d_in) | (B, d_out, d_in)``, given the inverses of the factors
+    ``G: (d_out, d_out)`` and ``A: (d_in, d_in)``. Accumulated in float32 (float64 for float64), ``grad``'s dtype."""
+    dt = acc_dtype(grad.dtype)
+    return (g_inv.to(dt) @ grad.to(dt) @ a_inv.to(dt)).to(grad.dtype)
+
+
+def kron_precondition_eigen(
+    grad: torch.Tensor,
+    q_g: torch.Tensor,
+    q_a: torch.Tensor,
+    d_g: torch.Tensor,
+    d_a: torch.Tensor,
+    damping: torch.Tensor | float,
+) -> torch.Tensor:
+    """Eigenbasis K-FAC step with exact damping of the Kronecker product (George et al. 2018, EKFAC's basis):
+    ``Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T`` where ``G = Q_G diag(d_G) Q_G^T`` and
+    ``A = Q_A diag(d_A) Q_A^T``. Shapes as :func:`kron_precondition`, ``d_g: (d_out,) | (B, d_out)``,
+    ``d_a: (d_in,) | (B, d_in)``, ``damping`` a float or ``(B,)``."""
+    dt = acc_dtype(grad.dtype)
+    g3, qg, qa = _batched(grad, 2).to(dt), _batched(q_g, 2).to(dt), _batched(q_a, 2).to(dt)
+    dg, da = _batched(d_g, 1).to(dt), _batched(d_a, 1).to(dt)
+    damp = torch.as_tensor(damping, dtype=dt, device=grad.device).expand(g3.shape[0]).reshape(-1, 1, 1)
+    v = qg.mT @ g3 @ qa
+    v = v / (dg.unsqueeze(2) * da.unsqueeze(1) + damp)
+    out = (qg @ v @ qa.mT).to(grad.dtype)
+    return out if grad.dim() == 3 else out[0]
+
+
+def kl_clip_scale(
+    precond: list[torch.Tensor], grads: list[torch.Tensor], lr: float, kl_clip: float
+) -> torch.Tensor:
+    """KL-clip factor (Ba, Grosse & Martens 2017) ``nu = min(1, sqrt(kl_clip / |sum_l lr^2 <p_l, g_l>|))`` as a
+    0-d float32 (float64 for float64) tensor on the gradients' device (no host synchronisation)."""
+    dt = acc_dtype(grads[0].dtype)
+    vg = torch.stack([torch.vdot(p.reshape(-1).to(dt), g.reshape(-1).to(dt)) for p, g in zip(precond, grads)]).sum()
+    return torch.sqrt(kl_clip / (lr * lr * vg.abs())).clamp(max=1.0)
