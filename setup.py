@@ -65,7 +65,7 @@ def _write_build_config(with_cuda: bool) -> None:
 
 
 setup(
-    packages=["pycurv", "pycurv.kernels"],
+    packages=["pycurv", "pycurv.optim", "pycurv.kernels"],
     package_dir={"pycurv": "pycurv", "pycurv.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},

@@ -126,7 +126,7 @@ def kfac_factor(x: torch.Tensor, bias: bool = False) -> torch.Tensor:
         top = torch.cat([f, s.unsqueeze(2)], dim=2)
         corner = torch.full_like(s[:, :1], float(rows))
         f = torch.cat([top, torch.cat([s, corner], dim=1).unsqueeze(1)], dim=1)
-    f = f / rows
+    f = _symmetrize(f / rows)
     return f if x.dim() == 3 else f[0]
 
 
