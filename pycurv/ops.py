@@ -396,9 +396,12 @@ def damped_inverse(
     symmetric, in ``m``'s dtype (float32 / float64; 16-bit inputs are inverted in float32 and rounded back).
 
     Matrices that are not positive definite after damping (indefinite, or rank-deficient with ``damping = 0``)
-    are not turned into NaN: their damping is raised, by at least ``eps * max|diag|`` and then tenfold each time,
-    at most ``max_raises`` times, with a :class:`DampingRaisedWarning` naming them; if that is not enough, or
-    ``m`` is not finite, ``ValueError``. With ``return_damping=True`` the damping actually used, ``(B,)``
+    are not turned into NaN: their damping is raised, to at least ``eps * d * max|diag|`` and then geometrically
+    (at least tenfold a time) up to a Gershgorin bound that makes the matrix certainly positive definite, reached
+    at the ``max_raises``-th raise, with a :class:`DampingRaisedWarning` naming them; ``max_raises=0`` gives up at
+    once with ``ValueError``, as does an ``m`` that is not finite. "newton_schulz" assumes ``m`` is positive
+    semi-definite (as K-FAC factors are): it recognises an indefinite ``m`` only by a non-positive diagonal entry
+    of the inverse. With ``return_damping=True`` the damping actually used, ``(B,)``
     float64, is returned too: ``(inverse, damping_used)``. One host synchronisation per call (the check).
     """
     op = "damped_inverse"
@@ -411,14 +414,19 @@ def damped_inverse(
     m3 = m if m.dim() == 3 else m.unsqueeze(0)
     if m3.dtype in (torch.float16, torch.bfloat16):
         m3 = m3.float()
-    inv, info = _dispatch(op, be, m3, damp, method)
-    bad = info != 0
+    try:
+        inv, info = _dispatch(op, be, m3, damp, method)
+    except RuntimeError as exc:  # LAPACK-backed solvers refuse NaN/inf themselves: report it the same way
+        _check_finite_batch(op, m3, torch.arange(m3.shape[0], device=m3.device), exc)
+        raise
+    # a solver may pass NaN through without flagging it: a non-finite result counts as a failure too
+    bad = (info != 0) | ~torch.isfinite(inv).flatten(1).all(1)
     if method == "newton_schulz" and bool(bad.any()):
         idx = bad.nonzero().flatten()
         be_c = _resolve_backend("auto", m.device, op, "cholesky")
         inv_c, info_c = _dispatch(op, be_c, m3[idx].contiguous(), damp[idx].contiguous(), "cholesky")
         inv[idx], info[idx] = inv_c, info_c
-        bad = info != 0
+        bad = (info != 0) | ~torch.isfinite(inv).flatten(1).all(1)
     if bool(bad.any()):
         inv, damp = _raise_damping(op, be, m3, inv, damp, bad, method, max_raises)
     inv = inv.to(m.dtype)
@@ -427,25 +435,39 @@ def damped_inverse(
     return (inv, damp) if return_damping else inv
 
 
+def _check_finite_batch(op: str, sub: torch.Tensor, idx: torch.Tensor, cause: Exception | None = None) -> None:
+    finite = torch.isfinite(sub).flatten(1).all(1)
+    if not bool(finite.all()):
+        rows = idx[~finite].tolist()
+        raise ValueError(f"{op}: m is not finite (matrices {rows} of the batch hold inf or NaN)") from cause
+
+
 def _raise_damping(op, be, m3, inv, damp, bad, method, max_raises):
-    """Redoes the matrices flagged in ``bad`` with more damping (see :func:`damped_inverse`)."""
+    """Redoes the matrices flagged in ``bad`` with more damping (see :func:`damped_inverse`).
+
+    First at ``max(damping, eps * d * max|diag|)``, then raised geometrically, by at least tenfold, towards the
+    Gershgorin bound ``max_i (sum_{j != i} |m_ij| - m_ii)`` (plus a margin), past which the damped matrix is
+    certainly positive definite; the ``max_raises``-th raise reaches it."""
     if method == "newton_schulz":
         method, be = "cholesky", _resolve_backend("auto", m3.device, op, "cholesky")
     idx = bad.nonzero().flatten()
     sub = m3[idx].contiguous()
-    if not bool(torch.isfinite(sub).all()):
-        rows = idx[~torch.isfinite(sub).flatten(1).all(1)].tolist()
-        raise ValueError(f"{op}: m is not finite (matrices {rows} of the batch hold inf or NaN)")
+    _check_finite_batch(op, sub, idx)
     damp = damp.clone()
-    scale = sub.diagonal(dim1=1, dim2=2).abs().amax(1).double().clamp_min(torch.finfo(torch.float64).tiny)
-    floor = scale * torch.finfo(m3.dtype).eps * m3.shape[-1]
+    low = sub.tril().double()
+    sym = low + low.tril(-1).mT  # the lower triangle is what the solvers read
+    diag = sym.diagonal(dim1=1, dim2=2)
+    floor = diag.abs().amax(1).clamp_min(torch.finfo(torch.float64).tiny) * torch.finfo(m3.dtype).eps * m3.shape[-1]
     cur = torch.maximum(damp[idx], floor)
+    radius = sym.abs().sum(2) - diag.abs()
+    bound = torch.maximum((radius - diag).amax(1).clamp_min(0) * 1.01 + 100 * floor, cur * 10)
+    factor = (bound / cur).pow(1.0 / max(max_raises, 1)).clamp_min(10.0)
     for _ in range(max_raises + 1):
         inv_s, info_s = _dispatch(op, be, sub, cur, method)
         ok = info_s == 0
         if bool(ok.all()):
             break
-        cur = torch.where(ok, cur, cur * 10)
+        cur = torch.where(ok, cur, torch.minimum(cur * factor, bound))
     else:
         rows = idx[info_s != 0].tolist()
         raise ValueError(

@@ -139,7 +139,8 @@ def kfac_factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, bias
     new = kfac_factor(x, bias).to(factor.dtype)
     if decay == 0:
         return factor.copy_(new)
-    return factor.mul_(decay).add_(new, alpha=1.0 - decay)
+    # like the kernels: the lower triangle of the average, mirrored (exactly symmetric even if factor was not)
+    return factor.copy_(_symmetrize(factor * decay + new * (1.0 - decay)))
 
 
 def newton_schulz_defaults(dtype: torch.dtype) -> tuple[int, float]:
