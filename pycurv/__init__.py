@@ -12,5 +12,6 @@ from . import _extension  # noqa: F401  (loads pycurv._C if it was built, record
 from . import reference  # noqa: F401
 from . import ops  # noqa: F401
 from . import capture  # noqa: F401
+from . import optim  # noqa: F401
 
-__all__ = ["ops", "reference", "capture", "__version__"]
+__all__ = ["ops", "reference", "capture", "optim", "__version__"]
