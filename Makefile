@@ -1,4 +1,5 @@
-# pycurv: `make bench` (the main job), `make test`, `make cuda-check`. Each sets up what it needs from nothing.
+# pycurv: `make bench` (the main job), `make test`, `make convergence`, `make cuda-check`. Each sets up what it
+# needs from nothing.
 #
 # On a machine whose python3 already has torch (and no network), `make bench PYCURV_SYSTEM_PYTHON=1` uses it
 # instead of creating .venv.
@@ -8,7 +9,7 @@ MAX_JOBS    ?= 2
 TORCH_CPU   := torch==2.13.0
 TORCH_CUDA  := torch==2.14.1
 TRITON      := triton==3.6.0
-DEV_DEPS    := "numpy<2.4" pytest pytest-benchmark ninja setuptools wheel
+DEV_DEPS    := "numpy<2.4" pytest pytest-benchmark ninja setuptools wheel scikit-learn matplotlib
 
 ifeq ($(PYCURV_SYSTEM_PYTHON),1)
 PY      := $(PYTHON)
@@ -18,7 +19,7 @@ PY      := .venv/bin/python
 VENV_OK := .venv/.ok
 endif
 
-.PHONY: build test bench cuda-check info clean
+.PHONY: build test bench convergence cuda-check info clean
 
 .venv/.ok:
 	$(PYTHON) -m venv .venv
@@ -35,6 +36,10 @@ test: build
 
 bench: build
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# K-FAC against SGD and Adam on scikit-learn's digits (about 5 minutes on 2 cores; CONVERGENCE_ARGS=--quick: 1).
+convergence: build
+	$(PY) bench/convergence_kfac.py $(CONVERGENCE_ARGS)
 
 info: build
 

@@ -253,7 +253,16 @@ def _versions() -> dict:
         from pycurv._build_config import BUILD_CONFIG
     except ImportError:
         BUILD_CONFIG = None
-    ops = ("per_sample_gram", "per_sample_grad_sqnorms", "ef_diag")
+    ops = (
+        "per_sample_gram",
+        "per_sample_grad_sqnorms",
+        "ef_diag",
+        "kfac_factor_update",
+        "damped_inverse",
+        "sym_eig",
+        "kron_precondition",
+        "kron_precondition_eigen",
+    )
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

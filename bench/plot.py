@@ -2,7 +2,8 @@
 
 One column of panels per op; the top row is the speedup of each pycurv backend (and of the compiled baseline) over
 baseline (b), the bottom row over baseline (a), one group of bars per shape and dtype, log scale, 1x marked.
-Without a path it plots the newest file in bench/results/. Needs matplotlib; without it, says so and exits 0.
+Without a path it plots the newest micro-benchmark file in bench/results/ (convergence files have their own
+plot, bench/plot_convergence.py). Needs matplotlib; without it, says so and exits 0.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ def main(argv=None) -> int:
 
     path = args.results
     if path is None:
-        files = sorted(glob.glob(os.path.join(RESULTS, "*.json")), key=os.path.getmtime)
+        files = sorted(
+            (f for f in glob.glob(os.path.join(RESULTS, "*.json")) if not os.path.basename(f).startswith("convergence")),
+            key=os.path.getmtime,
+        )
         if not files:
             print(f"no results file in {RESULTS}; run bench/run.py first", file=sys.stderr)
             return 1

@@ -22,8 +22,20 @@ import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-OP_ORDER = ("per_sample_gram", "per_sample_grad_sqnorms", "ef_diag")
-KIND_ORDER = ("pycurv", "torch.func", "baseline", "baseline+compile")
+OP_ORDER = (
+    "per_sample_gram",
+    "per_sample_grad_sqnorms",
+    "ef_diag",
+    "kfac_factor_update",
+    "damped_inverse",
+    "kron_precondition",
+    "kron_precondition_eigen",
+    "kfac_step",
+)
+# "context": a measurement shown for scale that is no baseline (e.g. a plain SGD step beside the Adam step).
+KIND_ORDER = ("pycurv", "torch.func", "baseline-a", "baseline", "baseline+compile", "context")
+# Row kinds that are baseline (a) of their group: torch.func per-sample gradients, or a bench's own (a) baseline.
+BASELINE_A_KINDS = ("torch.func", "baseline-a")
 
 
 def slug(text: str) -> str:
@@ -67,19 +79,21 @@ def junit_outcomes(path: str) -> tuple[list[dict], list[dict]]:
 
 def build_rows(benchmarks: list[dict], peaks: dict | None) -> list[dict]:
     """One row per measurement with speedups against baselines (a) and (b), TFLOP/s and its share of the peak
-    (``peaks``: TFLOP/s per dtype name, as the session finally reported them)."""
+    (``peaks``: TFLOP/s per dtype name, as the session finally reported them).
+
+    Rows are grouped by (op, shape, dtype); ``shape`` is the benchmark's own label, or ``NxTxd_inxd_out`` for the
+    per-sample ops. Baseline (b) is the fastest eager plain-PyTorch row of the group, (a) included."""
     rows = []
     for bm in benchmarks:
         info, st = bm.get("extra_info", {}), bm["stats"]
         if "op" not in info:
             continue
+        dims = {k: info.get(k) for k in ("N", "T", "d_in", "d_out")}
         row = {
             "id": bm.get("fullname", bm["name"]),
             "op": info["op"],
-            "N": info["N"],
-            "T": info["T"],
-            "d_in": info["d_in"],
-            "d_out": info["d_out"],
+            "shape": info.get("shape") or "x".join(str(dims[k]) for k in ("N", "T", "d_in", "d_out")),
+            **dims,
             "dtype": info["dtype"],
             "impl": info["impl"],
             "name": info["name"],
@@ -96,13 +110,16 @@ def build_rows(benchmarks: list[dict], peaks: dict | None) -> list[dict]:
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["op"], r["N"], r["T"], r["d_in"], r["d_out"], r["dtype"]), []).append(r)
+        groups.setdefault((r["op"], r["shape"], r["dtype"]), []).append(r)
     for grp in groups.values():
-        a = next((r for r in grp if r["impl"] == "torch.func"), None)
-        eager_b = [r for r in grp if r["impl"] == "baseline"]
+        a = next((r for r in grp if r["impl"] in BASELINE_A_KINDS), None)
+        eager_b = [r for r in grp if r["impl"] in ("baseline", "baseline-a")]
         b = min(eager_b, key=lambda r: r["median_s"]) if eager_b else None
         for r in grp:
-            r["baseline_a"] = "torch.func vmap(grad)" if a else None
+            if a is None:
+                r["baseline_a"] = None
+            else:
+                r["baseline_a"] = "torch.func vmap(grad)" if a["impl"] == "torch.func" else a["name"]
             r["baseline_b"] = b["name"] if b else None
             r["is_baseline_b"] = r is b
             r["speedup_vs_a"] = a["median_s"] / r["median_s"] if a else None
@@ -115,12 +132,14 @@ def build_rows(benchmarks: list[dict], peaks: dict | None) -> list[dict]:
 
     shape_order: dict[tuple, int] = {}
     for r in rows:
-        shape_order.setdefault((r["N"], r["T"], r["d_in"], r["d_out"], r["dtype"]), len(shape_order))
+        shape_order.setdefault((r["shape"], r["dtype"]), len(shape_order))
 
     def key(r):
         op_rank = OP_ORDER.index(r["op"]) if r["op"] in OP_ORDER else len(OP_ORDER)
         kind_rank = KIND_ORDER.index(r["impl"]) if r["impl"] in KIND_ORDER else len(KIND_ORDER)
-        return (shape_order[(r["N"], r["T"], r["d_in"], r["d_out"], r["dtype"])], op_rank, kind_rank, r["name"])
+        # the per-sample ops share shapes and interleave by shape; every other op is a block of its own
+        family = 0 if op_rank < 3 else op_rank
+        return (family, shape_order[(r["shape"], r["dtype"])], op_rank, kind_rank, r["name"])
 
     return sorted(rows, key=key)
 
@@ -130,10 +149,14 @@ def _label(r: dict) -> str:
         return f"pycurv:{r['name']}"
     if r["impl"] == "torch.func":
         return "(a) torch.func"
+    if r["impl"] == "baseline-a":
+        return f"(a=b) {r['name']}" if r["is_baseline_b"] else f"(a) {r['name']}"
     if r["impl"] == "baseline":
         return f"(b) {r['name']}" if r["is_baseline_b"] else f"(b-alt) {r['name']}"
     if r["impl"] == "baseline+compile":
         return f"(b) {r['name']}"
+    if r["impl"] == "context":
+        return f"(ref) {r['name']}"
     return r["name"]
 
 
@@ -160,7 +183,7 @@ def _x(v) -> str:
 def format_table(rows: list[dict]) -> str:
     head = (
         "op",
-        "N x T x d_in x d_out",
+        "shape",
         "dtype",
         "backend",
         "median ms",
@@ -174,14 +197,14 @@ def format_table(rows: list[dict]) -> str:
     body = []
     last_group = None
     for r in rows:
-        group = (r["op"], r["N"], r["T"], r["d_in"], r["d_out"], r["dtype"])
+        group = (r["op"], r["shape"], r["dtype"])
         if last_group is not None and group != last_group:
             body.append(None)
         last_group = group
         body.append(
             (
                 r["op"],
-                f"{r['N']}x{r['T']}x{r['d_in']}x{r['d_out']}",
+                r["shape"],
                 r["dtype"],
                 _label(r),
                 f"{r['median_s'] * 1e3:.4g}",
@@ -283,13 +306,15 @@ def main(argv=None) -> int:
         "timing": "pytest-benchmark pedantic: median over rounds of the per-call time (calls_per_round back-to-back "
         "calls per round, CUDA synchronised inside the timed callable at the end of each round); first call "
         "(compile / autotune) untimed; inputs reused, caches warm",
-        "flops": "flops of the algorithm pycurv.ops.choose_method picks (2 per multiply-add, elementwise work "
-        "ignored), the same count for every row of one op/shape; TFLOP/s = flops / median; formula per row",
+        "flops": "2 per multiply-add, elementwise work ignored, the same count for every row of one op/shape "
+        "(per-sample ops: the algorithm pycurv.ops.choose_method picks; K-FAC ops: see bench/README.md); "
+        "TFLOP/s = flops / median; formula per row",
         "baselines": {
-            "a": "torch.func vmap(grad) per-sample weight gradients of a linear layer, flattened to J, then J J^T / "
-            "row norms / column sums of squares",
-            "b": "the faster eager plain-PyTorch formulation per op/shape/dtype (named in baseline_b); matmuls in the "
-            "input dtype, the rest in float32",
+            "a": "per-sample ops: torch.func vmap(grad) per-sample weight gradients of a linear layer, flattened to "
+            "J, then J J^T / row norms / column sums of squares; damped_inverse: a Python loop over the layers of "
+            "torch.linalg.cholesky + torch.cholesky_inverse",
+            "b": "the faster eager plain-PyTorch formulation per op/shape/dtype (named in baseline_b; (a) competes "
+            "too); per-sample ops: matmuls in the input dtype, the rest in float32; kfac_step: an Adam step",
         },
         "float32_matmul_precision": session.get("float32_matmul_precision"),
         "quick": args.quick,
@@ -313,7 +338,12 @@ def main(argv=None) -> int:
     print(format_table(rows))
     for s in skipped:
         print(f"skipped: {s['id']}: {s['message']}")
-    suspicious = [r for r in rows if r["rel_err_vs_reference"] > (1e-4 if r["dtype"] == "float32" else 5e-2)]
+    suspicious = [
+        r
+        for r in rows
+        if r.get("rel_err_vs_reference") is not None
+        and r["rel_err_vs_reference"] > (1e-4 if r["dtype"] == "float32" else 5e-2)
+    ]
     for r in suspicious:
         print(f"check: {r['id']} differs from pycurv.reference by {r['rel_err_vs_reference']:.3g} (relative)")
     for e in errors:
