@@ -685,5 +685,128 @@ def test_training_decreases_loss(opt_name, method):
     assert losses[-1] < 0.3 * losses[0], losses
 
 
+# -- 11. steps between inverse updates --------------------------------------------------------------------------------
+
+
+def _same_shape_stack():
+    """Three equal Linear layers with bias (one group), one without bias (a group of one) and a head."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+        nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 3),
+    ).to(DEVICE, F64)
+    x = torch.randn(8, 6, device=DEVICE, dtype=F64)
+    y = torch.randint(0, 3, (8,), device=DEVICE)
+    return model, x, y
+
+
+@pytest.mark.parametrize("method", ("eigen", "inverse"))
+def test_stacks_built_once_per_inverse_update(monkeypatch, method):
+    model, x, y = _same_shape_stack()
+    op = "kron_precondition_eigen" if method == "eigen" else "kron_precondition"
+    seen = []
+    real = getattr(ops, op)
+
+    def wrapped(grad, *mats, **kw):
+        seen.append((tuple(grad.shape), [m.data_ptr() for m in mats]))
+        return real(grad, *mats, **kw)
+
+    monkeypatch.setattr(ops, op, wrapped)
+    pre = KFAC(model, kl_clip=None, method=method, inv_update_steps=3)
+    per_step = []
+    for i in range(4):
+        seen.clear()
+        run_step(pre, model, x.roll(i, 0), y.roll(i, 0), "mean")
+        per_step.append(dict(seen))
+    assert sorted(per_step[0]) == [(1, 3, 6), (1, 5, 6), (3, 6, 7)]
+    # the same stacked tensors on the steps between inverse updates, new ones after the update at step 3
+    assert per_step[1] == per_step[0] and per_step[2] == per_step[0]
+    assert all(per_step[3][k] != per_step[0][k] for k in per_step[0])
+    # the per-layer tensors are views into the group's stacks; the saved state holds compact copies
+    name = "0"
+    lay = pre.layers[name]
+    mine = lay.q_a if method == "eigen" else lay.a_inv
+    others = pre.layers["4"].q_a if method == "eigen" else pre.layers["4"].a_inv
+    assert mine.untyped_storage().data_ptr() == others.untyped_storage().data_ptr()
+    saved = pre.state_dict()["layers"][name]["q_a" if method == "eigen" else "a_inv"]
+    assert torch.equal(saved, mine) and saved.untyped_storage().nbytes() == saved.numel() * saved.element_size()
+    # a damping change restacks (eigen: the damping of every layer) and changes the step
+    before = per_step[3]
+    pre.damping = 0.5
+    seen.clear()
+    run_step(pre, model, x, y, "mean")
+    assert dict(seen) != before
+
+
+@pytest.mark.parametrize("method", ("eigen", "inverse"))
+def test_layers_without_gradient_in_a_group(method):
+    # a group member without a weight gradient is skipped and keeps no gradient; one without a bias gradient is
+    # preconditioned with a zero bias column; the others' steps equal those of a run where every layer has gradients
+    model, x, y = _same_shape_stack()
+    twin = copy.deepcopy(model)
+    pre = KFAC(model, damping=1e-2, kl_clip=None, method=method, inv_update_steps=2)
+    pre_twin = KFAC(twin, damping=1e-2, kl_clip=None, method=method, inv_update_steps=2)
+    for i in range(3):
+        xi, yi = x.roll(i, 0), y.roll(i, 0)
+        full = run_step(pre_twin, twin, xi, yi, "mean")[1]
+        model.zero_grad(set_to_none=True)
+        loss_of(model, xi, yi, "mean").backward()
+        model[2].weight.grad = model[2].bias.grad = None
+        model[4].bias.grad = None
+        gw4 = model[4].weight.grad.clone()
+        pre.step()
+        assert model[2].weight.grad is None and model[2].bias.grad is None
+        got = grad_matrices(model, ["0", "4", "6", "8"])
+        for name in ("0", "6", "8"):
+            assert_rel_close(got[name], full[name], F64, f"{method} step {i} layer {name}")
+        lay = pre.layers["4"]
+        want = dense_step(lay.A, lay.G, torch.cat([gw4, gw4.new_zeros(gw4.shape[0], 1)], dim=1), 1e-2, method)
+        assert_rel_close(got["4"], want, F64, f"{method} step {i} layer 4 without bias gradient")
+
+
+def test_host_synchronisations_per_step(monkeypatch):
+    """check_finite costs one host synchronisation per step between inverse updates (statistics and preconditioned
+    gradients together), none without it."""
+    model, x, y = _same_shape_stack()
+    count = [0]
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, _real=real, **kw):
+            count[0] += 1
+            return _real(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    pre = KFAC(model, lr=0.1, kl_clip=1e-2, inv_update_steps=4)
+    syncs = []
+    for i in range(6):
+        model.zero_grad(set_to_none=True)
+        loss_of(model, x.roll(i, 0), y.roll(i, 0), "mean").backward()
+        count[0] = 0
+        pre.step()
+        syncs.append(count[0])
+    # inverse updates at steps 0 and 4 add the statistics and factor checks (eigen, damping > 0)
+    assert syncs == [3, 1, 1, 1, 3, 1], syncs
+    pre.check_finite = False
+    model.zero_grad(set_to_none=True)
+    loss_of(model, x, y, "mean").backward()
+    count[0] = 0
+    pre.step()
+    assert count[0] == 0
+
+
+def test_finiteness_from_abs_sums():
+    from pycurv.optim.kfac import _abs_sums, _finite
+
+    big = torch.full((4,), 3e38, dtype=torch.float32, device=DEVICE)  # finite, but its sum overflows
+    nan = torch.tensor([1.0, float("nan")], device=DEVICE)
+    inf = torch.tensor([-float("inf"), 2.0], dtype=F64, device=DEVICE)
+    fine = torch.randn(3, 3, device=DEVICE)
+    tensors = [big, nan, inf, fine]
+    sums = _abs_sums(tensors, DEVICE)
+    assert not math.isfinite(sums[0].item())
+    assert _finite(sums.tolist(), tensors) == [True, False, False, True]
+
+
 def test_package_exports_optim():
     assert pycurv.optim.KFAC is KFAC
