@@ -796,7 +796,7 @@ int64_t chol_inverse(const T* m, int64_t rs, int64_t cs, int64_t d, T damping, T
   const int64_t ld = d >= 64 ? round_up(d, 16) + 8 : d;
   T* w = ws.w.get(d * ld);
   T* dinv = ws.dinv.get(d * nb);
-  T* tmp = ws.tmp.get(d * std::max(nb, d));
+  T* tmp = ws.tmp.get(d * nb);
   T* pack = ws.pack.get(d * NR);
   for (int64_t r = 0; r < d; ++r) {
     T* wr = w + r * ld;
@@ -856,8 +856,9 @@ int64_t chol_inverse(const T* m, int64_t rs, int64_t cs, int64_t d, T damping, T
 // ---------------------------------------------------------------------------------------------------------------
 // damped_inverse / sym_eig
 
-// Above this size one LAPACK call per matrix (multithreaded) beats per-matrix kernels run in parallel.
-static int64_t kOwnCholMax = std::getenv("KOWN") ? std::atoi(std::getenv("KOWN")) : 512;
+// Up to this size the blocked kernel runs (one matrix per thread); beyond it, LAPACK (each call multithreaded).
+// The crossover was chosen from timings on a 2-core CPU (bench/bench_kfac.py covers d <= 256 only).
+constexpr int64_t kOwnCholMax = 2048;
 
 void check_square_batch(const Tensor& m, const char* op) {
   TORCH_CHECK_VALUE(m.dim() == 3 && m.size(1) == m.size(2), op, ": m must be (B, d, d), got shape ", m.sizes());
