@@ -2,19 +2,22 @@
 //
 // kfac_factor_update: factor <- decay * factor + (1 - decay) * xb^T xb / R with xb = [x, 1]; the ones column is
 //   virtual (its products are the column sums of x, and R). A SYRK: only the lower blocks of x^T x are formed,
-//   row block I against the columns up to its end, over chunks of rows of x. Each chunk is packed once for all
-//   row blocks (transposed for the left operand; bfloat16 also in VNNI-2 pairs for the right one) and multiplied
-//   by oneDNN's BRGEMM micro-kernel (float32 accumulation, bfloat16 products exact); float64, and float32 where
-//   the micro-kernel is unavailable, go through ATen's matmul. Row blocks of all factors of the batch are spread
-//   over the threads; when there are too few of them the chunks are (K-split with a partial sum per thread).
-//   The epilogue runs per row block as soon as its last chunk is in: scale by 1/R, running average, mirror onto
-//   the upper triangle (exactly symmetric; decay = 0 never reads the old factor).
+//   row block I against the columns up to its end (diagonal blocks by strips), over chunks of rows of x. Each
+//   chunk is packed once for all row blocks (transposed for the left operand; bfloat16 also in VNNI-2 pairs for
+//   the right one; float32 rows are read in place) and multiplied by oneDNN's BRGEMM micro-kernel (float32
+//   accumulation, bfloat16 products exact); float64, and float32 where the micro-kernel is unavailable, go through
+//   ATen's matmul. Row blocks of all factors of the batch are spread over the threads, with the packing of the
+//   next chunk interleaved; when there are too few row blocks the chunks are split among the threads instead
+//   (K-split, one partial sum per thread). The epilogue runs per row block as soon as its last chunk is in:
+//   scale by 1/R, running average, mirror onto the upper triangle (exactly symmetric; decay = 0 never reads the
+//   old factor).
 // damped_inverse "cholesky": per matrix, a blocked left-looking Cholesky factorisation L L^T = m + damping I,
-//   L^-1 by block rows, then the lower triangle of L^-T L^-1, all on a register-blocked GEMM micro-kernel that
-//   works in cache; matrices in parallel. Large matrices go to LAPACK (one multithreaded call each).
+//   L^-1 by block rows, then the lower triangle of L^-T L^-1 (about d^3 flops in all), on a register-blocked
+//   GEMM micro-kernel that works in cache; matrices in parallel. Beyond d = 2048, LAPACK.
 //   "eigh": per-matrix LAPACK eigendecompositions in parallel, Q diag(1 / lambda) Q^T.
-// kron_precondition / kron_precondition_eigen: ATen batched matmuls; the division by the grid of eigenvalue
-//   products (George et al. 2018) is one fused pass over the middle intermediate.
+// kron_precondition / kron_precondition_eigen: ATen batched matmuls (both association orders cost
+//   d_out d_in (d_out + d_in) per layer, so the reference's left-to-right order is kept); the division by the
+//   grid of eigenvalue products (George et al. 2018) is one fused pass over the middle intermediate.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -24,7 +27,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -59,6 +61,8 @@ constexpr int64_t kDiagRows = 16;
 // about the size of L2), and rows per chunk on the ATen path.
 constexpr int64_t kChunkBytes = int64_t(2) << 20;
 constexpr int64_t kChunkAten = 1024;
+// Rows of x per micro-kernel call (its K): a block of A and a panel of B stay in L2.
+constexpr int64_t kKBlock = 512, kKBlockHalf = 1024;
 // Columns of x per packing task.
 constexpr int64_t kPackCols = 64;
 // Working set (packed chunk, accumulator) of the factors processed together, and the most that the per-thread
@@ -218,7 +222,7 @@ class FactorUpdate {
 
   // Rows per chunk: packed chunks of the whole batch of about kChunkBytes, 1 to 4 K blocks of the micro-kernel.
   int64_t chunk_rows() const {
-    const int64_t kb = kHalf ? kKbHalf : kKb;
+    const int64_t kb = kHalf ? kKBlockHalf : kKBlock;
     const int64_t fit = kChunkBytes / std::max<int64_t>(B_ * dx_ * int64_t(sizeof(E)), 1);
     return std::clamp<int64_t>(fit / kb * kb, kb, 4 * kb);
   }
@@ -322,7 +326,7 @@ class FactorUpdate {
       const E* a = s.a(bl, lda_, dx_) + i0 * lda_;
       // rows [r, r + mm) of the block against columns [n0, n0 + nn)
       // K blocks of the chunk that keep a block of A and a panel of B in L2; A is reused across the panels.
-      const int64_t kb = kHalf ? kKbHalf : kKb;
+      const int64_t kb = kHalf ? kKBlockHalf : kKBlock;
       for (int64_t k0 = 0; k0 < kk; k0 += kb) {
         const int64_t kl = std::min(kb, kk - k0);
         const bool add = !first || k0 > 0;
@@ -557,8 +561,9 @@ bool use_update_brgemm_bf16() {
 // ---------------------------------------------------------------------------------------------------------------
 // Dense kernels for one small / medium matrix in cache (single-threaded; the callers run matrices in parallel).
 //
-// C (+)= alpha A B on row-major C with A(r, k) = a[r*ars + k*acs] and B(k, n) = b[k*brs + n*bcs]: B is packed in
-// panels of NR columns, then MR x NR blocks of C accumulate in registers (AVX2 + FMA), whatever the strides.
+// C (+)= alpha A B on row-major C with A(r, k) = a[r*ars + k*acs] and B(k, n) = b[k*brs + n*bcs]: panels of NR
+// columns of B (read in place when rows are contiguous, else packed), MR x NR blocks of C accumulated in registers
+// (AVX2 + FMA), whatever the strides of A.
 
 template <typename T>
 struct MicroShape;
@@ -572,11 +577,11 @@ struct MicroShape<double> {
 };
 
 #ifdef PYCURV_KFAC_AVX2
-// Block of C (mr x nn, nn <= 16) += / = alpha A(mr x K) Bp(K x 16).
+// Block of C (MR x nn, nn <= 16) = alpha A(MR x K) B(K x 16) (+ C when accumulate); B rows ldb apart.
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2(int64_t K, const float* a, int64_t ars, int64_t acs,
-                                                     const float* bp, int64_t ldb, float alpha, bool accumulate, float* c,
-                                                     int64_t ldc, int64_t nn) {
+                                                     const float* bp, int64_t ldb, float alpha, bool accumulate,
+                                                     float* c, int64_t ldc, int64_t nn) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
@@ -611,10 +616,11 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int64_t K, const float* a, i
   }
 }
 
+// The same for float64: B(K x 8).
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2(int64_t K, const double* a, int64_t ars, int64_t acs,
-                                                     const double* bp, int64_t ldb, double alpha, bool accumulate, double* c,
-                                                     int64_t ldc, int64_t nn) {
+                                                     const double* bp, int64_t ldb, double alpha, bool accumulate,
+                                                     double* c, int64_t ldc, int64_t nn) {
   __m256d c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_pd();
@@ -669,8 +675,8 @@ void micro_plain(int mr, int64_t K, const T* a, int64_t ars, int64_t acs, const 
 }
 
 template <typename T>
-void micro(int mr, int64_t K, const T* a, int64_t ars, int64_t acs, const T* bp, int64_t ldb, T alpha, bool accumulate, T* c,
-           int64_t ldc, int64_t nn) {
+void micro(int mr, int64_t K, const T* a, int64_t ars, int64_t acs, const T* bp, int64_t ldb, T alpha,
+           bool accumulate, T* c, int64_t ldc, int64_t nn) {
 #ifdef PYCURV_KFAC_AVX2
   if (cpu_has_avx2()) {
     switch (mr) {
@@ -946,27 +952,29 @@ void eigh_inverse(const Tensor& m, const Tensor& damping, Tensor& inv, Tensor& i
 // ---------------------------------------------------------------------------------------------------------------
 // kron_precondition
 
-void check_precondition(const Tensor& grad, std::initializer_list<std::pair<const char*, const Tensor*>> mats,
-                        const char* op) {
+// One per-layer operand of the preconditioning ops and the shape that grad implies for it.
+struct Operand {
+  const char* name;
+  const Tensor& t;
+  std::vector<int64_t> shape;
+};
+
+void check_precondition(const Tensor& grad, const std::vector<Operand>& operands, const char* op) {
+  for (const Operand& o : operands) {
+    TORCH_CHECK_VALUE(o.t.sizes() == at::IntArrayRef(o.shape), op, ": grad is ", grad.sizes(), ", so ", o.name,
+                      " must be ", at::IntArrayRef(o.shape), ", got ", o.t.sizes());
+    TORCH_CHECK_TYPE(o.t.scalar_type() == grad.scalar_type(), op, ": ", o.name, " must have grad's dtype ",
+                     grad.scalar_type(), ", got ", o.t.scalar_type());
+    check_cpu(o.t, op, o.name);
+  }
+}
+
+void check_grad(const Tensor& grad, const char* op) {
   TORCH_CHECK_VALUE(grad.dim() == 3, op, ": grad must be (B, d_out, d_in), got ", grad.dim(), "-d tensor of shape ",
                     grad.sizes());
   TORCH_CHECK_TYPE(is_float_type(grad.scalar_type()), op, ": grad must be float32/float64/float16/bfloat16, got ",
                    grad.scalar_type());
   check_cpu(grad, op, "grad");
-  const int64_t b = grad.size(0), dout = grad.size(1), din = grad.size(2);
-  for (const auto& [name, t] : mats) {
-    const std::string nm(name);
-    std::vector<int64_t> want{b};
-    if (nm == "g_inv" || nm == "q_g") want = {b, dout, dout};
-    if (nm == "a_inv" || nm == "q_a") want = {b, din, din};
-    if (nm == "d_g") want = {b, dout};
-    if (nm == "d_a") want = {b, din};
-    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(want), op, ": grad is ", grad.sizes(), ", so ", name,
-                      " must be ", at::IntArrayRef(want), ", got ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == grad.scalar_type(), op, ": ", name, " must have grad's dtype ",
-                     grad.scalar_type(), ", got ", t->scalar_type());
-    check_cpu(*t, op, name);
-  }
 }
 
 // v[b, i, j] /= d_g[b, i] d_a[b, j] + damping[b], in place (v contiguous).
@@ -1076,7 +1084,9 @@ std::tuple<at::Tensor, at::Tensor> sym_eig_cpu(const at::Tensor& m) {
 
 at::Tensor kron_precondition_cpu(const at::Tensor& grad, const at::Tensor& g_inv, const at::Tensor& a_inv) {
   const char* op = "kron_precondition";
-  check_precondition(grad, {{"g_inv", &g_inv}, {"a_inv", &a_inv}}, op);
+  check_grad(grad, op);
+  const int64_t n = grad.size(0), dout = grad.size(1), din = grad.size(2);
+  check_precondition(grad, {{"g_inv", g_inv, {n, dout, dout}}, {"a_inv", a_inv, {n, din, din}}}, op);
   const auto acc = acc_dtype(grad.scalar_type());
   Tensor out = at::bmm(at::bmm(g_inv.to(acc), grad.to(acc)), a_inv.to(acc));
   return out.to(grad.scalar_type()).contiguous();
@@ -1085,7 +1095,12 @@ at::Tensor kron_precondition_cpu(const at::Tensor& grad, const at::Tensor& g_inv
 at::Tensor kron_precondition_eigen_cpu(const at::Tensor& grad, const at::Tensor& q_g, const at::Tensor& q_a,
                                        const at::Tensor& d_g, const at::Tensor& d_a, const at::Tensor& damping) {
   const char* op = "kron_precondition_eigen";
-  check_precondition(grad, {{"q_g", &q_g}, {"q_a", &q_a}, {"d_g", &d_g}, {"d_a", &d_a}}, op);
+  check_grad(grad, op);
+  const int64_t n = grad.size(0), dout = grad.size(1), din = grad.size(2);
+  check_precondition(grad,
+                     {{"q_g", q_g, {n, dout, dout}}, {"q_a", q_a, {n, din, din}}, {"d_g", d_g, {n, dout}},
+                      {"d_a", d_a, {n, din}}},
+                     op);
   TORCH_CHECK_VALUE(damping.dim() == 1 && damping.size(0) == grad.size(0), op, ": damping must be (", grad.size(0),
                     ",), got shape ", damping.sizes());
   TORCH_CHECK_TYPE(damping.scalar_type() == c10::kDouble, op, ": damping must be float64, got ",
