@@ -70,6 +70,17 @@ TORCH_LIBRARY(pycurv, m) {
   m.def(
       "kron_precondition_eigen(Tensor grad, Tensor q_g, Tensor q_a, Tensor d_g, Tensor d_a, Tensor damping) -> "
       "Tensor");
+
+  // iEF / EF / SF (MATH.md section 3).
+  // a: (N, T, d_in), g: (N, T, d_out) one float dtype, any strides; coef: (N,) float32 (float64 for float64
+  // inputs) on a's device. Returns sum_n coef_n G_n = sum_{n,t} coef_n g[n,t] a[n,t]^T, (d_out, d_in + bias),
+  // float32 (float64), the bias column sum_{n,t} coef_n g[n,t] last; no G_n is formed.
+  m.def("weighted_grad_sum(Tensor a, Tensor g, Tensor coef, bool bias) -> Tensor");
+  // logits: (N, T, C) float dtype, any strides; targets: (N, T) int64, each in [0, C) or == ignore_index (the
+  // Python layer checks). Returns s_n = sum_t ||softmax(z_nt) - e_{y_nt}||^2 over non-ignored t, (N,) float32
+  // (float64 for float64 logits), computed as (1 - p_y)^2 + sum_{c != y} p_c^2 with both sums over c != y
+  // accumulated directly, so that nothing cancels when p_y is close to 1.
+  m.def("logit_grad_sqnorms(Tensor logits, Tensor targets, int ignore_index) -> Tensor");
 }
 
 }  // namespace pycurv

@@ -13,5 +13,6 @@ from . import reference  # noqa: F401
 from . import ops  # noqa: F401
 from . import capture  # noqa: F401
 from . import optim  # noqa: F401
+from . import metrics  # noqa: F401
 
-__all__ = ["ops", "reference", "capture", "optim", "__version__"]
+__all__ = ["ops", "reference", "capture", "optim", "metrics", "__version__"]

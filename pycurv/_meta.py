@@ -45,3 +45,13 @@ def _(grad, g_inv, a_inv):
 @torch.library.register_fake("pycurv::kron_precondition_eigen")
 def _(grad, q_g, q_a, d_g, d_a, damping):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pycurv::weighted_grad_sum")
+def _(a, g, coef, bias):
+    return a.new_empty((g.shape[-1], a.shape[-1] + int(bias)), dtype=acc_dtype(a.dtype))
+
+
+@torch.library.register_fake("pycurv::logit_grad_sqnorms")
+def _(logits, targets, ignore_index):
+    return logits.new_empty((logits.shape[0],), dtype=acc_dtype(logits.dtype))

@@ -105,6 +105,13 @@ def _conv_patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return p.transpose(1, 2)
 
 
+def _as_rows(m: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """A layer's output gradient as ``(N, T, d_out)`` rows (Conv2d: ``(N, c_out, H, W)`` -> ``(N, H W, c_out)``)."""
+    if isinstance(m, nn.Conv2d):
+        return grad.flatten(2).transpose(1, 2)
+    return grad.reshape(grad.shape[0], -1, grad.shape[-1])
+
+
 class _Layer:
     """What one captured module recorded in the current pass: one ``[input, output grad]`` slot per call."""
 
@@ -126,6 +133,9 @@ class Capture:
             (as in ``model.named_modules()``) or submodules; each must be an ``nn.Linear`` or ``nn.Conv2d``.
         loss_reduction: ``"sum"`` (``L = sum_n l_n``) or ``"mean"`` (``L = (1/N) sum_n l_n``; the recorded output
             gradients are multiplied by ``N``). See the module docstring.
+        keep_outputs: also keep every captured layer output (with its autograd graph) until the next pass,
+            :meth:`drop_outputs` or :meth:`clear`, so that :meth:`output_grads` can take the gradients of a second
+            loss of the same forward pass (the sampled Fisher needs this).
 
     After a backward pass inside the context, :attr:`layers` maps each layer name to ``(module, a, g)`` and the
     helpers return per-sample quantities of the per-sample losses over all captured weights and biases.
@@ -136,13 +146,18 @@ class Capture:
         model: nn.Module,
         layers: Iterable[str | nn.Module] | None = None,
         loss_reduction: str = "sum",
+        keep_outputs: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Capture: model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_reduction not in _REDUCTIONS:
             raise ValueError(f"Capture: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        if not isinstance(keep_outputs, bool):
+            raise TypeError(f"Capture: keep_outputs must be a bool, got {type(keep_outputs).__name__}")
         self.model = model
         self.loss_reduction = loss_reduction
+        self.keep_outputs = keep_outputs
+        self._suspended = False
         self._layers: dict[str, _Layer] = {}
         for name, m in self._select(model, layers):
             if not m.weight.requires_grad:
@@ -209,6 +224,7 @@ class Capture:
 
     def clear(self) -> None:
         """Drops everything recorded (inputs, gradients, cached patches)."""
+        self.drop_outputs()
         for rec in self._layers.values():
             rec.calls = []
             rec.cache = None
@@ -237,7 +253,7 @@ class Capture:
                 raise ValueError(
                     f"Capture: layer {name!r} (Linear) needs a batched (N, ..., d_in) input, got shape {tuple(x.shape)}"
                 )
-            slot: list[torch.Tensor | None] = [x.detach(), None]
+            slot: list[torch.Tensor | None] = [x.detach(), None, output if self.keep_outputs else None]
             rec.calls.append(slot)
             rec.cache = None
             self._grad_handles.append(output.register_hook(self._grad_hook(name, slot)))
@@ -246,7 +262,7 @@ class Capture:
 
     def _grad_hook(self, name: str, slot: list):
         def hook(grad: torch.Tensor):
-            if not self._active:
+            if not self._active or self._suspended:
                 return None
             if slot[1] is not None:
                 raise RuntimeError(
@@ -268,7 +284,7 @@ class Capture:
     def _assemble(self, rec: _Layer) -> tuple[torch.Tensor, torch.Tensor] | None:
         if rec.cache is not None:
             return rec.cache
-        done = [(x, gr) for x, gr in rec.calls if gr is not None]
+        done = [(x, gr) for x, gr, _ in rec.calls if gr is not None]
         if not done:
             return None
         m = rec.module
@@ -277,10 +293,9 @@ class Capture:
             n = x.shape[0]
             if isinstance(m, nn.Conv2d):
                 a_parts.append(_conv_patches(m, x))
-                g_parts.append(gr.flatten(2).transpose(1, 2))
             else:
                 a_parts.append(x.reshape(n, -1, x.shape[-1]))
-                g_parts.append(gr.reshape(n, -1, gr.shape[-1]))
+            g_parts.append(_as_rows(m, gr))
         ns = {p.shape[0] for p in a_parts}
         if len(ns) != 1:
             raise ValueError(f"Capture: the calls of one layer saw different batch sizes {sorted(ns)}")
@@ -289,6 +304,63 @@ class Capture:
         else:
             rec.cache = (torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1))
         return rec.cache
+
+    def drop_outputs(self) -> None:
+        """Forgets the layer outputs kept with ``keep_outputs=True`` (which keep their autograd graph alive)."""
+        for rec in self._layers.values():
+            for slot in rec.calls:
+                slot[2] = None
+
+    def output_grads(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample output gradients of another scalar ``loss`` of the same forward pass, ``{name: g}``, laid out
+        (and, for ``loss_reduction="mean"``, rescaled) exactly like the ``g`` of :attr:`layers`, for the layers in
+        :attr:`layers`. Needs ``keep_outputs=True`` and a graph that is still alive (the first backward run with
+        ``retain_graph=True``); nothing is recorded and no ``.grad`` is touched. Used for the sampled-label
+        gradients of the sampled Fisher."""
+        if not self.keep_outputs:
+            raise RuntimeError("Capture.output_grads needs a Capture made with keep_outputs=True")
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+            raise ValueError("Capture.output_grads: loss must be a scalar tensor that requires grad")
+        names, outs, mods = [], [], []
+        for name, rec in self._layers.items():
+            done = [slot for slot in rec.calls if slot[1] is not None]
+            if not done:
+                continue
+            if any(slot[2] is None for slot in done):
+                raise RuntimeError(
+                    f"Capture.output_grads: the output of layer {name!r} was not kept (recorded before "
+                    "keep_outputs took effect, or dropped)"
+                )
+            names.append(name)
+            mods.append(rec.module)
+            outs.append([slot[2] for slot in done])
+        flat = [o for group in outs for o in group]
+        if not flat:
+            raise RuntimeError("Capture.output_grads: no output gradient was recorded in this pass")
+        self._suspended = True
+        try:
+            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+        except RuntimeError as exc:
+            if "second time" in str(exc) or "freed" in str(exc):
+                raise RuntimeError(
+                    "Capture.output_grads: the autograd graph of this forward pass was already freed; run the "
+                    "first backward with loss.backward(retain_graph=True)"
+                ) from exc
+            raise
+        finally:
+            self._suspended = False
+        result, i = {}, 0
+        for name, m, group in zip(names, mods, outs):
+            parts = []
+            for o in group:
+                gr = grads[i]
+                i += 1
+                gr = torch.zeros_like(o) if gr is None else gr.detach()
+                if self.loss_reduction == "mean":
+                    gr = gr * gr.shape[0]
+                parts.append(_as_rows(m, gr))
+            result[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return result
 
     @property
     def layers(self) -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:

@@ -35,6 +35,10 @@ __all__ = [
     "kron_precondition",
     "kron_precondition_eigen",
     "kl_clip_scale",
+    "weighted_grad_sum",
+    "per_sample_grad_dot",
+    "logit_grad_sqnorms",
+    "ief_coefficients",
 ]
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
@@ -50,6 +54,8 @@ _FAMILY = {
     "sym_eig": "kfac",
     "kron_precondition": "kfac",
     "kron_precondition_eigen": "kfac",
+    "weighted_grad_sum": "ief",
+    "logit_grad_sqnorms": "ief",
 }
 _triton_modules: dict = {}
 _triton_errors: dict[str, str] = {}
@@ -581,3 +587,215 @@ def kl_clip_scale(
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
             raise ValueError(f"{op}: {name} must be a finite number > 0, got {v!r}")
     return reference.kl_clip_scale(list(precond), list(grads), float(lr), float(kl_clip))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# iEF / EF / SF (MATH.md section 3)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_coef(coef, n: int, device: torch.device, dtype: torch.dtype, op: str, name: str = "coef") -> torch.Tensor:
+    _check_tensor(coef, name, op)
+    if coef.dim() != 1 or coef.shape[0] != n:
+        raise ValueError(f"{op}: {name} must have shape ({n},) (one value per sample), got {tuple(coef.shape)}")
+    if coef.device != device:
+        raise ValueError(f"{op}: {name} must be on a's device {device}, got {coef.device}")
+    return coef.to(acc_dtype(dtype)).contiguous()
+
+
+def weighted_grad_sum(
+    a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, bias: bool = False, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``sum_n coef_n G_n`` in one pass over ``a`` and ``g``, never forming a per-sample gradient ``G_n``: shape
+    ``(d_out, d_in)`` (``(d_out, d_in + 1)`` with bias, the bias part last). ``coef: (N,)``, any float dtype (used
+    in float32, float64 for float64 inputs). This is ``J^T coef`` for one layer: the iEF / EF update from the dual
+    coefficients of :func:`ief_coefficients`. float32 result (float64 for float64 inputs). ``coef`` is not
+    inspected (no host synchronisation): NaN in it gives NaN in the result."""
+    op = "weighted_grad_sum"
+    a3, g3 = _check_ag(a, g, op)
+    bias = _check_bias(bias, op)
+    c = _check_coef(coef, a3.shape[0], a3.device, a3.dtype, op)
+    be = _resolve_backend(backend, a3.device, op)
+    return _dispatch(op, be, a3, g3, c, bias)
+
+
+def per_sample_grad_dot(
+    a: torch.Tensor, g: torch.Tensor, v: torch.Tensor, bias: bool = False, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``r_n = <G_n, V>_F`` for every sample, shape ``(N,)``: the Jacobian-vector product ``J vec(V)`` of one layer
+    (``V: (d_out, d_in)``, or ``(d_out, d_in + 1)`` with bias, the bias part last), without forming any ``G_n``
+    (one matmul: ``sum_t B_n[t]^T V A_n[t]``). Used by the SF step. float32 result (float64 for float64 inputs)."""
+    op = "per_sample_grad_dot"
+    a3, g3 = _check_ag(a, g, op)
+    bias = _check_bias(bias, op)
+    _check_tensor(v, "v", op)
+    want = (g3.shape[2], a3.shape[2] + int(bias))
+    if tuple(v.shape) != want:
+        raise ValueError(f"{op}: v must have shape {want} (d_out, d_in{' + 1' if bias else ''}), got {tuple(v.shape)}")
+    _check_same_device(op, a=a3, v=v)
+    be = _resolve_backend(backend, a3.device, op)
+    return _dispatch(op, be, a3, g3, v, bias)
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def logit_grad_sqnorms(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Squared norms of the softmax cross-entropy gradient with respect to each sample's logits, shape ``(N,)``:
+    ``s_n = sum_t ||softmax(z_nt) - e_{y_nt}||^2 = sum_t [(1 - p_y)^2 + sum_{c != y} p_c^2]``.
+
+    ``logits: (N, C)`` or ``(N, T, C)`` (classes last; for ``F.cross_entropy``'s ``(N, C, T)`` layout pass
+    ``logits.transpose(1, 2)``), float32 / float64 / float16 / bfloat16, any strides; ``targets: (N,)`` or
+    ``(N, T)`` integer class indices. Positions whose target equals ``ignore_index`` contribute 0. One fused pass
+    per row with float32 accumulation (float64 for float64 logits); the sums over ``c != y`` are accumulated
+    directly, so the result keeps its relative accuracy when ``p_y`` is close to 1. These are the gradients of the
+    per-sample losses ``l_n`` (``reduction="sum"``); under ``reduction="mean"`` the logit gradients carry ``1/N``
+    and their squared norms ``1/N^2``. Targets outside ``[0, C)`` raise ``ValueError`` (one host synchronisation
+    for the check)."""
+    op = "logit_grad_sqnorms"
+    _check_tensor(logits, "logits", op)
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{op}: targets must be a torch.Tensor, got {type(targets).__name__}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"{op}: logits must be (N, C) or (N, T, C), got shape {tuple(logits.shape)}")
+    if targets.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{op}: targets must hold integer class indices, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{op}: targets must have shape {tuple(logits.shape[:-1])} (logits without the class dim), "
+            f"got {tuple(targets.shape)}"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_same_device(op, logits=logits, targets=targets)
+    c = logits.shape[-1]
+    t64 = targets.long()
+    bad = (t64 != ignore_index) & ((t64 < 0) | (t64 >= c))
+    if bool(bad.any()):
+        first = t64[bad].flatten()[0].item()
+        raise ValueError(f"{op}: targets must be in [0, {c}) or equal ignore_index={ignore_index}, got {first}")
+    z3 = logits if logits.dim() == 3 else logits.unsqueeze(1)
+    t2 = t64 if t64.dim() == 2 else t64.unsqueeze(1)
+    be = _resolve_backend(backend, logits.device, op)
+    return _dispatch(op, be, z3, t2, int(ignore_index))
+
+
+def ief_coefficients(
+    gram: torch.Tensor,
+    logit_grad_sqnorms: torch.Tensor,
+    damping=1e-12,
+    *,
+    dedup_threshold: float | None = 0.99,
+    max_raises: int = 12,
+    return_info: bool = False,
+    backend: str = "auto",
+):
+    """Dual coefficients ``alpha = (K + damping I)^{-1} s`` of the iEF step ``J^T alpha`` (MATH.md section 3),
+    shape ``(N,)`` (``(B, N)`` for batched ``gram: (B, N, N)``, ``logit_grad_sqnorms: (B, N)``), in ``gram``'s dtype.
+
+    Pass ``torch.ones(N)`` as ``logit_grad_sqnorms`` for the EF step. The system is solved in float64 by Cholesky
+    on ``gram``'s device, after two clean-ups that the iEF authors also make:
+
+    * samples whose gradient is numerically zero (``K_jj <= N eps max_i K_ii``, ``eps`` of ``gram``'s dtype) get
+      ``alpha_j = 0``;
+    * near-duplicate samples, ``|K_ij| / sqrt(K_ii K_jj) > dedup_threshold`` (default 0.99; ``None`` turns this
+      off), are dropped greedily in index order: the later one of such a pair gets ``alpha_j = 0`` and the system is
+      solved over the samples kept.
+
+    ``damping``: a number or one value per problem, >= 0 (the paper uses 1e-12 to 1e-7, essentially none). If
+    ``K + damping I`` restricted to the kept samples is still not positive definite, the damping is raised, to at
+    least ``N eps max K_ii`` (``eps`` of ``gram``'s dtype: below that a float32 Gram carries no information)
+    and then tenfold a time, at most ``max_raises`` times, with a
+    :class:`DampingRaisedWarning`; after that (or at once with ``max_raises=0``) ``ValueError``. Non-finite inputs
+    raise ``ValueError``. With ``return_info=True`` returns ``(alpha, info)``, ``info = {"kept": (B, N) bool |
+    (N,), "damping": (B,) float64 | 0-d}``. Host synchronisations: one for the checks, one more when duplicates
+    exist."""
+    op = "ief_coefficients"
+    _check_tensor(gram, "gram", op)
+    _check_tensor(logit_grad_sqnorms, "logit_grad_sqnorms", op)
+    b, n = _check_square(gram, "gram", op)
+    batched = gram.dim() == 3
+    want = (b, n) if batched else (n,)
+    if tuple(logit_grad_sqnorms.shape) != want:
+        raise ValueError(f"{op}: logit_grad_sqnorms must have shape {want}, got {tuple(logit_grad_sqnorms.shape)}")
+    _check_same_device(op, gram=gram, logit_grad_sqnorms=logit_grad_sqnorms)
+    if dedup_threshold is not None and (
+        isinstance(dedup_threshold, bool)
+        or not isinstance(dedup_threshold, (int, float))
+        or not 0 < dedup_threshold <= 1
+    ):
+        raise ValueError(f"{op}: dedup_threshold must be in (0, 1] or None, got {dedup_threshold!r}")
+    if isinstance(max_raises, bool) or not isinstance(max_raises, int) or max_raises < 0:
+        raise ValueError(f"{op}: max_raises must be an int >= 0, got {max_raises!r}")
+    damp = _damping_vector(damping, b, gram.device, op)
+    _resolve_backend(backend, gram.device, op)  # validates the name; the solve itself is torch.linalg in float64
+    k = (gram if batched else gram.unsqueeze(0)).double()
+    rhs = (logit_grad_sqnorms if batched else logit_grad_sqnorms.unsqueeze(0)).double()
+    fin_k, fin_s, neg = torch.isfinite(k).flatten(1).all(1), torch.isfinite(rhs).all(1), (damp < 0) | ~torch.isfinite(damp)
+    checks = torch.stack([~fin_k.all(), ~fin_s.all(), neg.any()]).tolist()
+    if checks[0]:
+        raise ValueError(f"{op}: gram is not finite (problems {(~fin_k).nonzero().flatten().tolist()} hold inf or NaN)")
+    if checks[1]:
+        raise ValueError(
+            f"{op}: logit_grad_sqnorms is not finite (problems {(~fin_s).nonzero().flatten().tolist()} hold inf or NaN)"
+        )
+    if checks[2]:
+        raise ValueError(f"{op}: damping must be finite and >= 0, got {damp.tolist()}")
+    k = 0.5 * (k + k.mT)
+    diag = k.diagonal(dim1=1, dim2=2)
+    eps = torch.finfo(gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32).eps
+    keep = diag > n * eps * diag.amax(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    if dedup_threshold is not None and n > 1:
+        keep = _dedup(k, diag, keep, float(dedup_threshold))
+    kf = keep.double()
+    eye = torch.eye(n, dtype=torch.float64, device=k.device)
+    # dropped samples: zero row and column, 1 on the diagonal and 0 on the right: their coefficient is exactly 0
+    k_kept = k * (kf.unsqueeze(2) * kf.unsqueeze(1)) + torch.diag_embed(1.0 - kf)
+    rhs = rhs * kf
+    floor = n * eps * (diag * kf).amax(1).clamp_min(torch.finfo(torch.float64).tiny)
+    cur = damp.clone()
+    for attempt in range(max_raises + 1):
+        chol, info = torch.linalg.cholesky_ex(k_kept + eye * cur.reshape(-1, 1, 1) * kf.unsqueeze(2))
+        bad = info != 0
+        if not bool(bad.any()):
+            break
+        if attempt == max_raises:
+            raise ValueError(
+                f"{op}: gram + damping I is not positive definite for problems {bad.nonzero().flatten().tolist()} "
+                f"(damping {cur[bad].tolist()}, after {max_raises} raises); increase damping"
+            )
+        cur = torch.where(bad, torch.maximum(cur * 10, floor), cur)
+    if attempt > 0:
+        raised = (cur != damp).nonzero().flatten().tolist()
+        warnings.warn(
+            f"{op}: gram + damping I was not positive definite for problems {raised}; damping raised from "
+            f"{damp[raised].tolist()} to {cur[raised].tolist()}",
+            DampingRaisedWarning,
+            stacklevel=2,
+        )
+    alpha = torch.cholesky_solve(rhs.unsqueeze(2), chol).squeeze(2)
+    alpha = alpha.to(gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32)
+    if not batched:
+        alpha, keep, cur = alpha[0], keep[0], cur[0]
+    if return_info:
+        return alpha, {"kept": keep, "damping": cur}
+    return alpha
+
+
+def _dedup(k: torch.Tensor, diag: torch.Tensor, keep: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Greedy near-duplicate removal in index order: sample j is dropped when an earlier kept sample i has
+    ``|cos(G_i, G_j)| > threshold``."""
+    norm = diag.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    cos = k.abs() / (norm.unsqueeze(2) * norm.unsqueeze(1))
+    dup = (cos > threshold).tril(-1) & keep.unsqueeze(1) & keep.unsqueeze(2)  # dup[b, j, i]: j > i, both kept
+    if not bool(dup.any()):
+        return keep
+    dup_c, keep_c = dup.cpu(), keep.cpu().clone()
+    for bi in dup_c.any(2).any(1).nonzero().flatten().tolist():
+        rows = dup_c[bi]
+        for j in rows.any(1).nonzero().flatten().tolist():
+            if keep_c[bi, j] and bool((rows[j] & keep_c[bi]).any()):
+                keep_c[bi, j] = False
+    return keep_c.to(keep.device)

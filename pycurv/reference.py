@@ -26,6 +26,9 @@ __all__ = [
     "kron_precondition",
     "kron_precondition_eigen",
     "kl_clip_scale",
+    "weighted_grad_sum",
+    "per_sample_grad_dot",
+    "logit_grad_sqnorms",
 ]
 
 
@@ -253,3 +256,52 @@ def kl_clip_scale(
     dt = acc_dtype(grads[0].dtype)
     vg = torch.stack([torch.vdot(p.reshape(-1).to(dt), g.reshape(-1).to(dt)) for p, g in zip(precond, grads)]).sum()
     return torch.sqrt(kl_clip / (lr * lr * vg.abs())).clamp(max=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# iEF / EF / SF (MATH.md section 3)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def weighted_grad_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    """``sum_n coef_n G_n = sum_{n,t} coef_n B_n[t] A_n[t]^T``, shape ``(d_out, d_in)`` (``(d_out, d_in + 1)`` with
+    bias, the bias part ``sum_{n,t} coef_n B_n[t]`` last): one matmul over the ``N T`` rows with the rows of ``g``
+    scaled by their sample's coefficient; no ``G_n`` is formed."""
+    a3, g3 = _prep(a, g)
+    gw = g3 * coef.to(a3.dtype).reshape(-1, 1, 1)
+    w = gw.flatten(0, 1).T @ a3.flatten(0, 1)
+    if bias:
+        w = torch.cat([w, gw.sum((0, 1)).unsqueeze(1)], dim=1)
+    return w
+
+
+def per_sample_grad_dot(a: torch.Tensor, g: torch.Tensor, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    """``r_n = <G_n, V>_F = sum_t B_n[t]^T V A_n[t]`` (+ ``<sum_t B_n[t], v_bias>``, ``v_bias = V[:, -1]``), shape
+    ``(N,)``: the Jacobian-vector product ``J vec(V)`` of one layer; no ``G_n`` is formed."""
+    a3, g3 = _prep(a, g)
+    v = v.to(a3.dtype)
+    d_in = a3.shape[2]
+    r = ((g3 @ v[:, :d_in]) * a3).sum((1, 2))
+    if bias:
+        r = r + g3.sum(1) @ v[:, d_in]
+    return r
+
+
+def logit_grad_sqnorms(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``s_n = sum_t ||softmax(z_nt) - e_{y_nt}||^2`` for softmax cross-entropy, shape ``(N,)``: the squared norm of
+    each sample's loss gradient with respect to its logits. ``logits: (N, C) | (N, T, C)``, ``targets: (N,) | (N, T)``;
+    positions whose target is ``ignore_index`` contribute 0. Computed as ``(1 - p_y)^2 + sum_{c != y} p_c^2`` with
+    ``1 - p_y = sum_{c != y} e_c / sum_c e_c`` (``e_c = exp(z_c - max z)``), so that nothing cancels when ``p_y`` is
+    close to 1."""
+    z = logits.to(acc_dtype(logits.dtype))
+    if z.dim() == 2:
+        z, targets = z.unsqueeze(1), targets.unsqueeze(1)
+    valid = targets != ignore_index
+    y = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(-1)
+    e = torch.exp(z - z.amax(-1, keepdim=True))
+    e_y = e.gather(-1, y).squeeze(-1)
+    e_other = e.scatter(-1, y, 0.0)
+    s1 = e_other.sum(-1)
+    total = s1 + e_y
+    s = (s1 / total).square() + e_other.square().sum(-1) / total.square()
+    return torch.where(valid, s, torch.zeros_like(s)).sum(1)

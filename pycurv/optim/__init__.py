@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .ief import EF, IEF, SF
 from .kfac import KFAC, KFACLayer
 
-__all__ = ["KFAC", "KFACLayer"]
+__all__ = ["KFAC", "KFACLayer", "IEF", "EF", "SF"]
