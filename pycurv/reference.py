@@ -172,8 +172,11 @@ def damped_inverse(
     - "cholesky": ``L L^T = m + damping I``, inverse from ``L``.
     - "eigh": ``Q diag(1 / (lambda + damping)) Q^T``.
     - "newton_schulz" (Schulz 1933; Ben-Israel & Cohen 1966): ``X_{k+1} = X_k (2I - M X_k)``,
-      ``X_0 = M^T / (||M||_1 ||M||_inf)``; matmuls only; stops when ``||M X - I||_F / sqrt(d) <= tol``
-      (see :func:`newton_schulz_defaults`).
+      ``X_0 = I / ||M||_inf``; matmuls only; stops when ``||M X - I||_F / sqrt(d) <= tol``
+      (see :func:`newton_schulz_defaults`). ``||M||_inf`` bounds the eigenvalues of the symmetric ``M``, so the
+      error ``I - M X_0`` has eigenvalues in ``[0, 1)`` when ``M`` is positive definite and the iteration converges;
+      an eigenvalue ``<= 0`` gives an error eigenvalue ``>= 1``, which never shrinks, so an indefinite or singular
+      ``M`` is flagged by its residual.
     """
     m3 = _batched(m, 2)
     b, d = m3.shape[0], m3.shape[-1]
@@ -192,9 +195,8 @@ def damped_inverse(
     elif method == "newton_schulz":
         max_iter, tol = newton_schulz_defaults(m3.dtype)
         md = _symmetrize(md)  # the iteration reads the whole matrix; "lower triangle" like the others
-        norm1 = md.abs().sum(1).amax(1)
         norminf = md.abs().sum(2).amax(1)
-        x = md.mT / (norm1 * norminf).reshape(b, 1, 1)
+        x = eye / norminf.reshape(b, 1, 1)
         for it in range(max_iter):
             mx = md @ x
             res = (mx - eye).norm(dim=(1, 2)) / d**0.5
