@@ -25,12 +25,25 @@ COMPILED_OPS = (
     "sym_eig",
     "kron_precondition",
     "kron_precondition_eigen",
+    "weighted_grad_sum",
+    "logit_grad_sqnorms",
+    "fop_update",
+    "fop_precondition",
 )
+
+
+def _defined(op: str) -> bool:
+    """Whether the loaded ``pycurv._C`` declares ``op`` (a build older than this Python package may not)."""
+    try:
+        getattr(torch.ops.pycurv, op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 # Read once at import: kernels are registered by loading _C and never change afterwards, and a plain dict
 # lookup keeps backend selection traceable by torch.compile.
 _KERNELS: dict[tuple[str, str], bool] = {
-    (op, key): _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"pycurv::{op}", key)
+    (op, key): _C is not None and _defined(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"pycurv::{op}", key)
     for op in COMPILED_OPS
     for key in ("CPU", "CUDA")
 }
