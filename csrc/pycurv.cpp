@@ -81,6 +81,15 @@ TORCH_LIBRARY(pycurv, m) {
   // (float64 for float64 logits), computed as (1 - p_y)^2 + sum_{c != y} p_c^2 with both sums over c != y
   // accumulated directly, so that nothing cancels when p_y is close to 1.
   m.def("logit_grad_sqnorms(Tensor logits, Tensor targets, int ignore_index) -> Tensor");
+
+  // FOP (MATH.md section 4). m: (B, k, k) float32/float64, contiguous, updated in place; grad_prev, grad_cur:
+  // (B, r, k) one float dtype (float64 with a float64 m), any strides.
+  // m <- m + lr * hyper_lr * (grad_prev^T grad_cur + grad_cur^T grad_prev) m, the k x k product accumulated in
+  // float32 (float64) and the product with the old m taken before m is overwritten.
+  m.def("fop_update(Tensor(a!) m, Tensor grad_prev, Tensor grad_cur, float lr, float hyper_lr) -> ()");
+  // m: (B, k, k) float32/float64; grad: (B, r, k) any float dtype and strides. Returns grad (m m^T), (B, r, k) in
+  // grad's dtype, accumulated in float32 (float64).
+  m.def("fop_precondition(Tensor m, Tensor grad) -> Tensor");
 }
 
 }  // namespace pycurv

@@ -39,6 +39,8 @@ __all__ = [
     "per_sample_grad_dot",
     "logit_grad_sqnorms",
     "ief_coefficients",
+    "fop_update",
+    "fop_precondition",
 ]
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
@@ -56,6 +58,8 @@ _FAMILY = {
     "kron_precondition_eigen": "kfac",
     "weighted_grad_sum": "ief",
     "logit_grad_sqnorms": "ief",
+    "fop_update": "fop",
+    "fop_precondition": "fop",
 }
 _triton_modules: dict = {}
 _triton_errors: dict[str, str] = {}
@@ -799,3 +803,80 @@ def _dedup(k: torch.Tensor, diag: torch.Tensor, keep: torch.Tensor, threshold: f
             if keep_c[bi, j] and bool((rows[j] & keep_c[bi]).any()):
                 keep_c[bi, j] = False
     return keep_c.to(keep.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FOP (MATH.md section 4)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_fop_grad(grad, name: str, m: torch.Tensor, op: str) -> torch.Tensor:
+    _check_tensor(grad, name, op)
+    b, k = _check_square(m, "m", op)
+    if m.dim() == 3:
+        if grad.dim() != 3 or grad.shape[0] != b or grad.shape[2] != k:
+            raise ValueError(f"{op}: {name} must be (B={b}, r, k={k}) for m of shape {tuple(m.shape)}, got {tuple(grad.shape)}")
+    elif grad.dim() != 2 or grad.shape[1] != k:
+        raise ValueError(f"{op}: {name} must be (r, k={k}) for m of shape {tuple(m.shape)}, got {tuple(grad.shape)}")
+    if grad.device != m.device:
+        raise ValueError(f"{op}: {name} must be on m's device {m.device}, got {grad.device}")
+    return grad if grad.dim() == 3 else grad.unsqueeze(0)
+
+
+def fop_update(
+    m: torch.Tensor,
+    grad_prev: torch.Tensor,
+    grad_cur: torch.Tensor,
+    lr: float,
+    hyper_lr: float,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """FOP hypergradient step on the preconditioner factor, in place:
+    ``M <- M + lr * hyper_lr * (G_prev^T G_cur + G_cur^T G_prev) M``; returns ``m``.
+
+    ``P = M M^T`` preconditions a gradient on the right, ``G P``; ``-lr (G_prev^T G_cur + G_cur^T G_prev) M`` is
+    the derivative of the loss after the step ``theta - lr G_prev P`` with respect to ``M`` (MATH.md section 4), so
+    this is gradient descent on ``M`` with step ``hyper_lr``. One matrix: ``m (k, k)``, gradients ``(r, k)``;
+    batched (same-shape layers in one launch): ``m (B, k, k)``, gradients ``(B, r, k)``. ``m`` is float32 or
+    float64; the gradients any float dtype (float64 needs a float64 ``m``), any strides, accumulated in ``m``'s
+    dtype. ``m`` is untouched if the call fails. Nothing checks that ``M`` stays bounded: :class:`pycurv.optim.FOP`
+    does."""
+    op = "fop_update"
+    _check_tensor(m, "m", op, (torch.float32, torch.float64))
+    _check_square(m, "m", op)
+    gp = _check_fop_grad(grad_prev, "grad_prev", m, op)
+    gc = _check_fop_grad(grad_cur, "grad_cur", m, op)
+    if gp.shape != gc.shape:
+        raise ValueError(f"{op}: grad_prev and grad_cur must have one shape, got {tuple(grad_prev.shape)} and {tuple(grad_cur.shape)}")
+    if gp.dtype != gc.dtype:
+        raise TypeError(f"{op}: grad_prev and grad_cur must have one dtype, got {gp.dtype} and {gc.dtype}")
+    if gp.dtype == torch.float64 and m.dtype != torch.float64:
+        raise TypeError(f"{op}: float64 gradients need a float64 m, got m {m.dtype}")
+    if m.dtype == torch.float64 and gp.dtype != torch.float64:
+        gp, gc = gp.double(), gc.double()
+    for name, v in (("lr", lr), ("hyper_lr", hyper_lr)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{op}: {name} must be a finite number >= 0, got {v!r}")
+    be = _resolve_backend(backend, m.device, op)
+    m3 = m if m.dim() == 3 else m.unsqueeze(0)
+    target = m3 if m3.is_contiguous() else m3.contiguous()
+    _dispatch(op, be, target, gp, gc, float(lr), float(hyper_lr))
+    if target is not m3:
+        m3.copy_(target)
+    return m
+
+
+def fop_precondition(m: torch.Tensor, grad: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``G M M^T``: the FOP-preconditioned gradient, shaped and typed like ``grad`` (``m (k, k)``, ``grad (r, k)``;
+    batched ``m (B, k, k)``, ``grad (B, r, k)``), accumulated in float32 (float64 for float64)."""
+    op = "fop_precondition"
+    _check_tensor(m, "m", op, (torch.float32, torch.float64))
+    _check_square(m, "m", op)
+    g3 = _check_fop_grad(grad, "grad", m, op)
+    if g3.dtype == torch.float64 and m.dtype != torch.float64:
+        raise TypeError(f"{op}: a float64 grad needs a float64 m, got m {m.dtype}")
+    be = _resolve_backend(backend, m.device, op)
+    m3 = m if m.dim() == 3 else m.unsqueeze(0)
+    out = _dispatch(op, be, m3, g3)
+    return out if grad.dim() == 3 else out[0]

@@ -29,6 +29,8 @@ __all__ = [
     "weighted_grad_sum",
     "per_sample_grad_dot",
     "logit_grad_sqnorms",
+    "fop_update",
+    "fop_precondition",
 ]
 
 
@@ -307,3 +309,33 @@ def logit_grad_sqnorms(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     total = s1 + e_y
     s = (s1 / total).square() + e_other.square().sum(-1) / total.square()
     return torch.where(valid, s, torch.zeros_like(s)).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FOP (MATH.md section 4)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def fop_update(
+    m: torch.Tensor, grad_prev: torch.Tensor, grad_cur: torch.Tensor, lr: float, hyper_lr: float
+) -> torch.Tensor:
+    """In place ``M <- M + lr * hyper_lr * (G_prev^T G_cur + G_cur^T G_prev) M``, returns ``m``: one hypergradient
+    descent step on the preconditioner ``P = M M^T`` of a gradient preconditioned on the right, ``G P``
+    (``m: (k, k) | (B, k, k)``, gradients ``(r, k) | (B, r, k)``). The ``k x k`` product is accumulated in ``m``'s
+    dtype from gradients cast to it."""
+    m3 = _batched(m, 2)
+    gp, gc = _batched(grad_prev, 2).to(m3.dtype), _batched(grad_cur, 2).to(m3.dtype)
+    c = gp.mT @ gc
+    step = (c + c.mT) @ m3
+    m3.add_(step, alpha=float(lr) * float(hyper_lr))
+    return m
+
+
+def fop_precondition(m: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``G M M^T`` (``m: (k, k) | (B, k, k)``, ``grad: (r, k) | (B, r, k)``), accumulated in float32 (float64 for
+    float64 inputs), in ``grad``'s dtype."""
+    dt = acc_dtype(grad.dtype)
+    m3 = _batched(m, 2).to(dt)
+    out = _batched(grad, 2).to(dt) @ (m3 @ m3.mT)
+    out = out.to(grad.dtype)
+    return out if grad.dim() == 3 else out[0]

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
+from .fop import FOP, HD
 from .ief import EF, IEF, SF
 from .kfac import KFAC, KFACLayer
 
-__all__ = ["KFAC", "KFACLayer", "IEF", "EF", "SF"]
+__all__ = ["KFAC", "KFACLayer", "IEF", "EF", "SF", "FOP", "HD"]
