@@ -30,10 +30,7 @@ inverted (see ``_ns_inverse_kernel``).
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -41,6 +38,27 @@ import triton
 import triton.language as tl
 
 from pycurv.reference import newton_schulz_defaults
+
+from ._common import (
+    _INTERPRET,
+    _TORCH_DTYPE,
+    DTYPES,
+    KernelRegistry,
+    KernelSpec,
+    _acc_name,
+    _cast,
+    _cfg,
+    _define_op,
+    _dt,
+    _lowp,
+    _mixed_prec,
+    _mma,
+    _num_sms,
+    _prec,
+    _scalar,
+    _sig,
+    _wrap,
+)
 
 __all__ = [
     "DTYPES",
@@ -52,12 +70,6 @@ __all__ = [
     "kron_precondition_triton",
 ]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# The interpreter multiplies bfloat16 tiles as raw 16-bit integers; it gets float32 copies instead, and it
-# truncates float32 to bfloat16, which ``_cast`` rounds first (compiled kernels never see these branches).
-_UPCAST_BF16_DOT = tl.constexpr(_INTERPRET)
-
 # Largest matrix order the fused Newton-Schulz kernel runs in one program per matrix (its three (d x d) work
 # matrices stay in L2); larger matrices iterate with the batched GEMM kernel, many programs per product.
 NS_FUSED_MAX = 128
@@ -66,40 +78,9 @@ NS_FUSED_MAX = 128
 _SPLIT_WS_FRACTION = 0.25
 
 
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    """``x.to(dtype)``, rounding to nearest even; the interpreter truncates float32 to bfloat16, so there the
-    rounding is done on the bits first (compiled kernels never see this branch)."""
-    if _UPCAST_BF16_DOT and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _mma(x, y, acc, PREC: tl.constexpr):
-    """``acc + x @ y`` on the tensor cores, accumulating in ``acc``'s dtype; operands of different dtypes (a 16-bit
-    input against a float32 intermediate) are both multiplied in the accumulation dtype."""
-    if x.dtype != y.dtype:
-        x = x.to(acc.dtype)
-        y = y.to(acc.dtype)
-    if _UPCAST_BF16_DOT and x.dtype == tl.bfloat16:
-        x = x.to(tl.float32)
-        y = y.to(tl.float32)
-    return tl.dot(x, y, acc, input_precision=PREC, out_dtype=acc.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Factor update
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _scalar(v, dtype: tl.constexpr):
-    """A float argument as a 0-d ``dtype`` value (the interpreter passes floats as Python floats, which would
-    otherwise be rounded to float32 on first use)."""
-    return tl.full((), v, dtype)
 
 
 @triton.jit
@@ -335,10 +316,10 @@ def _ns_inverse_kernel(
 
     The start: X stays a polynomial in the symmetric M, and each eigenvalue ``lambda`` of M evolves on its own,
     ``e <- e^2`` for ``e = 1 - lambda x``. From ``x_0 = 1 / ||M||_inf >= 1 / |lambda|_max``, ``0 <= e_0 < 1`` exactly
-    when ``lambda > 0``: a positive definite M converges (in about ``log2(cond)`` steps, half of what the
-    reference's ``X_0 = M^T / (||M||_1 ||M||_inf)`` needs), while for ``lambda <= 0`` the error grows, so an
-    indefinite or singular M never converges and is flagged (``info = 1``), even where its inverse would have a
-    positive diagonal. A diagonal entry <= 0 of X also sets ``info``, as in the reference.
+    when ``lambda > 0``: a positive definite M converges (in about ``log2(cond)`` steps, half of what a start at
+    ``M^T / (||M||_1 ||M||_inf)`` would need; the reference starts here too), while for ``lambda <= 0`` the error
+    grows, so an indefinite or singular M never converges and is flagged (``info = 1``), even where its inverse
+    would have a positive diagonal. A diagonal entry <= 0 of X also sets ``info``, as in the reference.
 
     Tiling: one program per matrix runs the whole iteration. M (the lower triangle of the input mirrored, plus the
     damping: exactly symmetric, so ``M^T = M``), X and M X live in the program's own (3, DP, DP) slice of a
@@ -481,52 +462,6 @@ def _bmm_kernel(
 # Registry: argument types and configurations of every kernel
 # ----------------------------------------------------------------------------------------------------------------
 
-_TL_NAME = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_TORCH_DTYPE = {v: k for k, v in _TL_NAME.items()}
-DTYPES = ("fp32", "fp64", "fp16", "bf16")
-
-
-def _acc_name(dt: str) -> str:
-    return "fp64" if dt == "fp64" else "fp32"
-
-
-def _lowp(dt: str) -> bool:
-    return dt in ("fp16", "bf16")
-
-
-def _prec(dt: str) -> str:
-    """Input precision of tl.dot on two ``dt`` operands: float32 uses three TF32 products (float32 accuracy)."""
-    return "tf32x3" if dt == "fp32" else "ieee"
-
-
-def _mixed_prec(dt: str) -> str:
-    """Input precision of a ``dt`` operand against a float32 (float64) intermediate: TF32 for 16-bit ``dt``, which
-    rounds the intermediate no more than the 16-bit operand is rounded already."""
-    return "tf32" if _lowp(dt) else _prec(dt)
-
-
-def _sig(*, ptrs: dict[str, str], ints: tuple[str, ...], floats: tuple[str, ...] = ()) -> dict[str, str]:
-    sig = {k: "*" + v for k, v in ptrs.items()}
-    sig.update({k: "i32" for k in ints})
-    sig.update({k: "fp64" for k in floats})
-    return sig
-
-
-def _cfg(w: int, s: int, **kw) -> triton.Config:
-    return triton.Config(kw, num_warps=w, num_stages=s)
-
-
-class KernelSpec(NamedTuple):
-    """One Triton kernel: ``signature(dtype)`` gives the runtime argument types for inputs of ``dtype`` ("fp32",
-    "fp64", "fp16", "bf16"), ``constants(dtype)`` the constexprs the launcher passes, ``configs(dtype)`` every
-    configuration it can run with (the specialisations the launcher chooses among; empty where the kernel is not
-    launched for that dtype or where another dtype's entry compiles the same code)."""
-
-    fn: object
-    signature: Callable[[str], dict]
-    constants: Callable[[str], dict]
-    configs: Callable[[str], list]
-
 
 def _factor_configs(dt: str) -> list:
     """Factor tiles (BD x BD) over rows in steps of BR; the launcher takes the smallest BD that covers d."""
@@ -618,69 +553,44 @@ def _gemm_spec(use: _Gemm) -> KernelSpec:
     return KernelSpec(_bmm_kernel, signature, lambda dt: {"EPI": use.epi, "PREC": use.prec(dt)}, configs)
 
 
-KERNELS: dict[str, KernelSpec] = {
-    "_kfac_factor_kernel": KernelSpec(
-        _kfac_factor_kernel,
-        lambda dt: _sig(
-            ptrs={"a_ptr": dt, "f_ptr": _acc_name(dt), "ws_ptr": _acc_name(dt)},
-            ints=("R", "DX", "D", "sa_b", "sa_r", "sa_d", "has_bias", "n_split", "r_split"),
-            floats=("decay",),
+KERNELS = KernelRegistry(
+    {
+        "_kfac_factor_kernel": KernelSpec(
+            _kfac_factor_kernel,
+            lambda dt: _sig(
+                ptrs={"a_ptr": dt, "f_ptr": _acc_name(dt), "ws_ptr": _acc_name(dt)},
+                ints=("R", "DX", "D", "sa_b", "sa_r", "sa_d", "has_bias", "n_split", "r_split"),
+                floats=("decay",),
+            ),
+            lambda dt: {"PREC": _prec(dt)},
+            _factor_configs,
         ),
-        lambda dt: {"PREC": _prec(dt)},
-        _factor_configs,
-    ),
-    "_kfac_factor_reduce_kernel": KernelSpec(
-        _kfac_factor_reduce_kernel,
-        lambda dt: _sig(
-            ptrs={"ws_ptr": _acc_name(dt), "f_ptr": _acc_name(dt)}, ints=("R", "D", "n_split"), floats=("decay",)
+        "_kfac_factor_reduce_kernel": KernelSpec(
+            _kfac_factor_reduce_kernel,
+            lambda dt: _sig(
+                ptrs={"ws_ptr": _acc_name(dt), "f_ptr": _acc_name(dt)}, ints=("R", "D", "n_split"), floats=("decay",)
+            ),
+            lambda dt: {},
+            _reduce_configs,
         ),
-        lambda dt: {},
-        _reduce_configs,
-    ),
-    "_ns_inverse_kernel": KernelSpec(
-        _ns_inverse_kernel,
-        lambda dt: _sig(
-            ptrs={"m_ptr": dt, "damp_ptr": "fp64", "inv_ptr": dt, "info_ptr": "i32", "ws_ptr": dt},
-            ints=("D", "max_iter"),
-            floats=("tol",),
+        "_ns_inverse_kernel": KernelSpec(
+            _ns_inverse_kernel,
+            lambda dt: _sig(
+                ptrs={"m_ptr": dt, "damp_ptr": "fp64", "inv_ptr": dt, "info_ptr": "i32", "ws_ptr": dt},
+                ints=("D", "max_iter"),
+                floats=("tol",),
+            ),
+            lambda dt: {"PREC": _prec(dt)},
+            _ns_configs,
         ),
-        lambda dt: {"PREC": _prec(dt)},
-        _ns_configs,
-    ),
-    **{name: _gemm_spec(use) for name, use in _GEMMS.items()},
-}
+        **{name: _gemm_spec(use) for name, use in _GEMMS.items()},
+    }
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launch helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _wrap(kernel):
-    """``wrap_triton(kernel)`` so torch.compile can trace the launch; the interpreter launches directly (older
-    torch releases refuse interpreted kernels)."""
-    if _INTERPRET:
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
-def _fixed(name: str, dt: str, **match) -> dict:
-    """The registered configuration of ``name`` whose constexprs contain ``match``, as launch keywords."""
-    for cfg in KERNELS[name].configs(dt):
-        if all(cfg.kwargs.get(k) == v for k, v in match.items()):
-            return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    raise KeyError(f"{name}: no registered config with {match} for {dt}")
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _dt(x: torch.Tensor) -> str:
-    return _TL_NAME[x.dtype]
 
 
 def _ntri(n: int) -> int:
@@ -698,7 +608,7 @@ def _factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, bias: bo
     name = "_kfac_factor_kernel"
     sizes = sorted(c.kwargs["BD"] for c in KERNELS[name].configs(dt))
     bd = next((s for s in sizes if s >= d), sizes[-1])
-    meta = _fixed(name, dt, BD=bd)
+    meta = KERNELS.fixed(name, dt, BD=bd)
     br = meta["BR"]
     tiles = b * _ntri(triton.cdiv(d, bd))
     if n_split is None:
@@ -714,7 +624,7 @@ def _factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, bias: bo
         x, factor, ws, r, dx, d, *x.stride(), int(bias), n_split, r_split, float(decay), PREC=_prec(dt), **meta
     )
     if n_split > 1:
-        red = _fixed("_kfac_factor_reduce_kernel", _acc_name(dt))
+        red = KERNELS.fixed("_kfac_factor_reduce_kernel", _acc_name(dt))
         grid = (_ntri(triton.cdiv(d, red["BD"])), b)
         _wrap(_kfac_factor_reduce_kernel)[grid](ws, factor, r, d, n_split, float(decay), **red)
 
@@ -791,7 +701,7 @@ def _ns_fused(m: torch.Tensor, damping: torch.Tensor) -> tuple[torch.Tensor, tor
     m = m.contiguous()
     damping = damping.contiguous()
     dp = max(32, triton.next_power_of_2(d))
-    meta = _fixed("_ns_inverse_kernel", dt, DP=dp)
+    meta = KERNELS.fixed("_ns_inverse_kernel", dt, DP=dp)
     if _INTERPRET:
         # one block per product: the interpreter's cost is per operation, not per element
         meta.update(BM=dp, BK=dp)
@@ -864,14 +774,6 @@ def _kron_eigen(grad, q_g, q_a, d_g, d_a, damping) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Ops
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _define_op(name: str, mutates_args: tuple[str, ...] = ()):
-    """``triton_op`` (torch.compile traces the launcher and sees the kernels); under the interpreter, which
-    launches kernels itself instead of through ``wrap_triton``, an opaque ``custom_op`` with stated shapes."""
-    if _INTERPRET:
-        return torch.library.custom_op(name, mutates_args=mutates_args)
-    return torch.library.triton_op(name, mutates_args=mutates_args)
 
 
 @_define_op("pycurv::kfac_factor_update_triton", mutates_args=("factor",))

@@ -20,14 +20,26 @@ second moment ``sum_n G_n * G_n``.
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Callable
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import (
+    _INTERPRET,
+    DTYPES,
+    KernelRegistry,
+    KernelSpec,
+    _acc_name,
+    _cfg,
+    _define_op,
+    _dt,
+    _mma,
+    _num_sms,
+    _out_dtype,
+    _prec,
+    _sig,
+    _wrap,
+)
 
 __all__ = [
     "DTYPES",
@@ -38,28 +50,12 @@ __all__ = [
     "per_sample_gram_triton",
 ]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 # Materialised Gram: the per-sample gradients of one (d_out, d_in) chunk live in a workspace of at most this many
 # bytes, so that extra memory stays bounded for large layers and the chunk is re-read from L2 where it fits.
 _GRAM_CHUNK_BYTES = 32 << 20
 # True stores that workspace in bfloat16 for bfloat16 inputs (as a bfloat16 einsum rounds G: half the bytes);
 # the default keeps float32 G for every 16-bit input, multiplied in TF32, which rounds it less than bfloat16.
 _GRAM_WS_LOWP = False
-
-
-# The interpreter multiplies bfloat16 tiles as raw 16-bit integers; it gets float32 copies instead (compiled
-# kernels never see this branch).
-_UPCAST_BF16_DOT = tl.constexpr(_INTERPRET)
-
-
-@triton.jit
-def _mma(x, y, acc, PREC: tl.constexpr):
-    """``acc + x @ y`` on the tensor cores, accumulating in ``acc``'s dtype."""
-    if _UPCAST_BF16_DOT and x.dtype == tl.bfloat16:
-        x = x.to(tl.float32)
-        y = y.to(tl.float32)
-    return tl.dot(x, y, acc, input_precision=PREC, out_dtype=acc.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -532,18 +528,6 @@ def _ef_diag_t1_kernel(
 # Registry: argument types and configurations of every kernel
 # ----------------------------------------------------------------------------------------------------------------
 
-_TL_NAME = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
-DTYPES = ("fp32", "fp64", "fp16", "bf16")
-
-
-def _acc_name(dt: str) -> str:
-    return "fp64" if dt == "fp64" else "fp32"
-
-
-def _prec(dt: str) -> str:
-    """Input precision of tl.dot: float32 operands use three TF32 products (about float32 accuracy)."""
-    return "tf32x3" if dt == "fp32" else "ieee"
-
 
 def _ws_name(dt: str) -> str:
     """Dtype of the materialised-Gram workspace for inputs of dtype ``dt``."""
@@ -561,27 +545,6 @@ def _ws_prec(dt: str) -> str:
 
 
 _STRIDES = ("sa_n", "sa_t", "sa_d", "sg_n", "sg_t", "sg_d")
-
-
-def _sig(*, ptrs: dict[str, str], ints: tuple[str, ...]) -> dict[str, str]:
-    sig = {k: "*" + v for k, v in ptrs.items()}
-    sig.update({k: "i32" for k in ints})
-    return sig
-
-
-def _cfg(w: int, s: int, **kw) -> triton.Config:
-    return triton.Config(kw, num_warps=w, num_stages=s)
-
-
-class KernelSpec(NamedTuple):
-    """One Triton kernel: ``signature(dtype)`` gives the runtime argument types for inputs of ``dtype`` ("fp32",
-    "fp64", "fp16", "bf16"), ``constants(dtype)`` the constexprs the launcher passes, ``configs(dtype)`` every
-    configuration it can run with (autotune list, or the specialisations the launcher chooses among)."""
-
-    fn: object
-    signature: Callable[[str], dict]
-    constants: Callable[[str], dict]
-    configs: Callable[[str], list]
 
 
 def _ghost_configs(dt: str) -> list:
@@ -631,59 +594,61 @@ def _sqnorm_t1_configs(dt: str) -> list:
 
 _AG_INTS = ("N", "T", "DI", "DO") + _STRIDES + ("has_bias",)
 
-KERNELS: dict[str, KernelSpec] = {
-    "_ghost_kernel": KernelSpec(
-        _ghost_kernel,
-        lambda dt: _sig(ptrs={"a_ptr": dt, "g_ptr": dt, "out_ptr": _acc_name(dt)}, ints=_AG_INTS),
-        lambda dt: {"PREC": _prec(dt)},
-        _ghost_configs,
-    ),
-    "_sqnorm_t1_kernel": KernelSpec(
-        _sqnorm_t1_kernel,
-        lambda dt: _sig(
-            ptrs={"a_ptr": dt, "g_ptr": dt, "out_ptr": _acc_name(dt)},
-            ints=("N", "DI", "DO", "sa_n", "sa_d", "sg_n", "sg_d", "has_bias"),
+KERNELS = KernelRegistry(
+    {
+        "_ghost_kernel": KernelSpec(
+            _ghost_kernel,
+            lambda dt: _sig(ptrs={"a_ptr": dt, "g_ptr": dt, "out_ptr": _acc_name(dt)}, ints=_AG_INTS),
+            lambda dt: {"PREC": _prec(dt)},
+            _ghost_configs,
         ),
-        lambda dt: {},
-        _sqnorm_t1_configs,
-    ),
-    "_grad_chunk_kernel": KernelSpec(
-        _grad_chunk_kernel,
-        lambda dt: _sig(
-            ptrs={"a_ptr": dt, "g_ptr": dt, "j_ptr": _ws_name(dt)}, ints=_AG_INTS + ("o0", "o_len", "i0", "i_len")
+        "_sqnorm_t1_kernel": KernelSpec(
+            _sqnorm_t1_kernel,
+            lambda dt: _sig(
+                ptrs={"a_ptr": dt, "g_ptr": dt, "out_ptr": _acc_name(dt)},
+                ints=("N", "DI", "DO", "sa_n", "sa_d", "sg_n", "sg_d", "has_bias"),
+            ),
+            lambda dt: {},
+            _sqnorm_t1_configs,
         ),
-        lambda dt: {"PREC": _prec(dt)},
-        _gemm_configs,
-    ),
-    "_gram_acc_kernel": KernelSpec(
-        _gram_acc_kernel,
-        lambda dt: _sig(ptrs={"x_ptr": _ws_name(dt), "ws_ptr": _acc_name(dt)}, ints=("N", "L", "l_split", "first")),
-        lambda dt: {"PREC": _ws_prec(dt)},
-        _gram_acc_configs,
-    ),
-    "_sqnorm_mat_kernel": KernelSpec(
-        _sqnorm_mat_kernel,
-        lambda dt: _sig(ptrs={"a_ptr": dt, "g_ptr": dt, "ws_ptr": _acc_name(dt)}, ints=_AG_INTS + ("ws_stride",)),
-        lambda dt: {"PREC": _prec(dt)},
-        _sq_configs,
-    ),
-    "_ef_diag_kernel": KernelSpec(
-        _ef_diag_kernel,
-        lambda dt: _sig(ptrs={"a_ptr": dt, "g_ptr": dt, "ws_ptr": _acc_name(dt)}, ints=_AG_INTS + ("n_split",)),
-        lambda dt: {"PREC": _prec(dt)},
-        _sq_configs,
-    ),
-    "_ef_diag_t1_kernel": KernelSpec(
-        _ef_diag_t1_kernel,
-        lambda dt: _sig(
-            ptrs={"a_ptr": dt, "g_ptr": dt, "out_ptr": _acc_name(dt)},
-            ints=("N", "DI", "DO", "sa_n", "sa_d", "sg_n", "sg_d", "has_bias"),
+        "_grad_chunk_kernel": KernelSpec(
+            _grad_chunk_kernel,
+            lambda dt: _sig(
+                ptrs={"a_ptr": dt, "g_ptr": dt, "j_ptr": _ws_name(dt)}, ints=_AG_INTS + ("o0", "o_len", "i0", "i_len")
+            ),
+            lambda dt: {"PREC": _prec(dt)},
+            _gemm_configs,
         ),
-        # squares are formed in the accumulation dtype, so every input dtype multiplies float32 (float64)
-        lambda dt: {"PREC": "ieee" if dt == "fp64" else "tf32x3"},
-        _ef_t1_configs,
-    ),
-}
+        "_gram_acc_kernel": KernelSpec(
+            _gram_acc_kernel,
+            lambda dt: _sig(ptrs={"x_ptr": _ws_name(dt), "ws_ptr": _acc_name(dt)}, ints=("N", "L", "l_split", "first")),
+            lambda dt: {"PREC": _ws_prec(dt)},
+            _gram_acc_configs,
+        ),
+        "_sqnorm_mat_kernel": KernelSpec(
+            _sqnorm_mat_kernel,
+            lambda dt: _sig(ptrs={"a_ptr": dt, "g_ptr": dt, "ws_ptr": _acc_name(dt)}, ints=_AG_INTS + ("ws_stride",)),
+            lambda dt: {"PREC": _prec(dt)},
+            _sq_configs,
+        ),
+        "_ef_diag_kernel": KernelSpec(
+            _ef_diag_kernel,
+            lambda dt: _sig(ptrs={"a_ptr": dt, "g_ptr": dt, "ws_ptr": _acc_name(dt)}, ints=_AG_INTS + ("n_split",)),
+            lambda dt: {"PREC": _prec(dt)},
+            _sq_configs,
+        ),
+        "_ef_diag_t1_kernel": KernelSpec(
+            _ef_diag_t1_kernel,
+            lambda dt: _sig(
+                ptrs={"a_ptr": dt, "g_ptr": dt, "out_ptr": _acc_name(dt)},
+                ints=("N", "DI", "DO", "sa_n", "sa_d", "sg_n", "sg_d", "has_bias"),
+            ),
+            # squares are formed in the accumulation dtype, so every input dtype multiplies float32 (float64)
+            lambda dt: {"PREC": "ieee" if dt == "fp64" else "tf32x3"},
+            _ef_t1_configs,
+        ),
+    }
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -691,51 +656,10 @@ KERNELS: dict[str, KernelSpec] = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _wrap(kernel):
-    """``wrap_triton(kernel)`` so torch.compile can trace the launch; the interpreter launches directly (older
-    torch releases refuse interpreted kernels)."""
-    if _INTERPRET:
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
-@functools.cache
-def _tuned(name: str, dt: str, key: tuple[str, ...]):
-    """The autotuned kernel ``name`` for input dtype ``dt`` (one config under the interpreter)."""
-    spec = KERNELS[name]
-    configs = spec.configs(dt)
-    if _INTERPRET:
-        configs = configs[:1]
-    return triton.autotune(configs=configs, key=list(key))(spec.fn)
-
-
-def _fixed(name: str, dt: str, **match) -> dict:
-    """The registered configuration of ``name`` whose constexprs contain ``match``, as launch keywords."""
-    for cfg in KERNELS[name].configs(dt):
-        if all(cfg.kwargs.get(k) == v for k, v in match.items()):
-            return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    raise KeyError(f"{name}: no registered config with {match} for {dt}")
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _ag_args(a: torch.Tensor, g: torch.Tensor, has_bias: int) -> tuple:
     n, t, di = a.shape
     do = g.shape[2]
     return (n, t, di, do, *a.stride(), *g.stride(), has_bias)
-
-
-def _dt(a: torch.Tensor) -> str:
-    return _TL_NAME[a.dtype]
-
-
-def _out_dtype(a: torch.Tensor) -> torch.dtype:
-    return torch.float64 if a.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -747,7 +671,7 @@ def _ghost(a: torch.Tensor, g: torch.Tensor, bias: bool, diag: bool) -> torch.Te
     n, t = a.shape[0], a.shape[1]
     dt = _dt(a)
     bn, bt = _ghost_shape(dt, n, t, diag)
-    meta = _fixed("_ghost_kernel", dt, BN=bn, BT=bt, DIAG=diag)
+    meta = KERNELS.fixed("_ghost_kernel", dt, BN=bn, BT=bt, DIAG=diag)
     nb = triton.cdiv(n, bn)
     out = torch.empty((n,) if diag else (n, n), device=a.device, dtype=_out_dtype(a))
     grid = (nb,) if diag else (nb, nb)
@@ -771,7 +695,7 @@ def _gram_materialize(a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Ten
         co = min(do, max(128, cap // ci // 128 * 128))
     j = torch.empty(n * co * ci, device=a.device, dtype=ws_dtype)
 
-    acc = _fixed("_gram_acc_kernel", dt)
+    acc = KERNELS.fixed("_gram_acc_kernel", dt)
     nb = triton.cdiv(n, acc["BN"])
     pairs = nb * (nb + 1) // 2
     l_max = co * ci
@@ -779,7 +703,7 @@ def _gram_materialize(a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Ten
     n_split = max(1, min(triton.cdiv(_num_sms(a.device), pairs), triton.cdiv(l_max, 4 * acc["BK"])))
     ws = torch.empty((n_split, n, n), device=a.device, dtype=_out_dtype(a))
 
-    chunk = _wrap(_tuned("_grad_chunk_kernel", dt, ("T", "o_len", "i_len")))
+    chunk = _wrap(KERNELS.tuned("_grad_chunk_kernel", dt, ("T", "o_len", "i_len")))
     gram = _wrap(_gram_acc_kernel)
     args = _ag_args(a, g, int(bias))
     prec = _prec(dt)
@@ -808,7 +732,7 @@ def _sqnorms_materialize(a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.
     nob_max = triton.cdiv(do, min(c.kwargs["BO"] for c in KERNELS["_sqnorm_mat_kernel"].configs(dt)))
     # zeros: the autotuned block size may leave trailing slots unwritten
     ws = torch.zeros((n, nob_max), device=a.device, dtype=_out_dtype(a))
-    kern = _wrap(_tuned("_sqnorm_mat_kernel", dt, ("T", "DI", "DO")))
+    kern = _wrap(KERNELS.tuned("_sqnorm_mat_kernel", dt, ("T", "DI", "DO")))
     kern[lambda meta: (n * triton.cdiv(do, meta["BO"]),)](a, g, ws, *_ag_args(a, g, int(bias)), nob_max, PREC=_prec(dt))
     return ws.sum(1)
 
@@ -819,7 +743,7 @@ def _ef_diag(a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Tensor:
     dt = _dt(a)
     dib = di + int(bias)
     if t == 1:
-        kern = _wrap(_tuned("_ef_diag_t1_kernel", dt, ("N", "DI", "DO")))
+        kern = _wrap(KERNELS.tuned("_ef_diag_t1_kernel", dt, ("N", "DI", "DO")))
         out = torch.empty((do, dib), device=a.device, dtype=_out_dtype(a))
         kern[lambda meta: (triton.cdiv(do, meta["BO"]) * triton.cdiv(dib, meta["BI"]),)](
             a[:, 0],
@@ -843,7 +767,7 @@ def _ef_diag(a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Tensor:
     n_split = triton.cdiv(n, splits)
     splits = triton.cdiv(n, n_split)
     ws = torch.empty((splits, do, dib), device=a.device, dtype=_out_dtype(a))
-    kern = _wrap(_tuned("_ef_diag_kernel", dt, ("T", "DI", "DO", "n_split")))
+    kern = _wrap(KERNELS.tuned("_ef_diag_kernel", dt, ("T", "DI", "DO", "n_split")))
     kern[lambda meta: (triton.cdiv(do, meta["BO"]) * triton.cdiv(dib, meta["BI"]), splits)](
         a, g, ws, *_ag_args(a, g, int(bias)), n_split, PREC=_prec(dt)
     )
@@ -853,20 +777,12 @@ def _ef_diag(a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Tensor:
 def _sqnorm_t1(a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Tensor:
     n, _, di = a.shape
     do = g.shape[2]
-    meta = _fixed("_sqnorm_t1_kernel", _dt(a))
+    meta = KERNELS.fixed("_sqnorm_t1_kernel", _dt(a))
     out = torch.empty((n,), device=a.device, dtype=_out_dtype(a))
     _wrap(_sqnorm_t1_kernel)[(triton.cdiv(n, meta["BN"]),)](
         a, g, out, n, di, do, a.stride(0), a.stride(2), g.stride(0), g.stride(2), int(bias), **meta
     )
     return out
-
-
-def _define_op(name: str):
-    """``triton_op`` (torch.compile traces the launcher and sees the kernels); under the interpreter, which
-    launches kernels itself instead of through ``wrap_triton``, an opaque ``custom_op`` with stated shapes."""
-    if _INTERPRET:
-        return torch.library.custom_op(name, mutates_args=())
-    return torch.library.triton_op(name, mutates_args=())
 
 
 @_define_op("pycurv::per_sample_grad_sqnorms_triton")
