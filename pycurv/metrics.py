@@ -116,7 +116,9 @@ def _jvp(model: nn.Module, params: dict, inputs: tuple, v: dict) -> tuple[torch.
     buffers = dict(model.named_buffers())
 
     def f(p):
-        return functional_call(model, {**p, **buffers}, inputs)
+        # fresh copies made inside the transform: a train-mode BatchNorm updates its running statistics in place,
+        # which a transform refuses for tensors captured from outside (the real buffers are left untouched)
+        return functional_call(model, {**p, **{n: b.clone() for n, b in buffers.items()}}, inputs)
 
     out, u = jvp(f, (params,), (v,))
     if not isinstance(out, torch.Tensor):

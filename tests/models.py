@@ -161,3 +161,57 @@ def ground_truth(a: torch.Tensor, g: torch.Tensor, bias: bool) -> dict[str, torc
     blk = linear_per_sample_grads(a, g, bias)
     j = blk.reshape(blk.shape[0], -1)
     return {"per_sample_gram": j @ j.T, "per_sample_grad_sqnorms": j.square().sum(1), "ef_diag": blk.square().sum(0)}
+
+
+def logit_grad_sqnorms_truth(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``s_n = sum_t ||d l_n / d z_{n,t}||^2`` in float64 by autograd: torch.func gradients of each sample's own loss
+    ``l_n = F.cross_entropy(z_n, y_n, reduction="sum", ignore_index=ignore_index)`` with respect to its logits
+    (through log-softmax, not the closed form). ``logits: (N, C) | (N, T, C)``, ``targets: (N,) | (N, T)``.
+
+    The gradient ``p - e_y`` is formed explicitly, so where ``p_y`` rounds to 1 its relative accuracy is lost: use
+    it for moderate logits."""
+    z, y = logits.detach().double(), targets.long()
+    if z.dim() == 2:
+        z, y = z.unsqueeze(1), y.unsqueeze(1)
+
+    def loss_one(zn, yn):
+        return F.cross_entropy(zn, yn, reduction="sum", ignore_index=ignore_index)
+
+    return torch.func.vmap(torch.func.grad(loss_one))(z, y).square().sum((1, 2))
+
+
+def split_blocks(vec: torch.Tensor, blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A vector over the columns of :func:`per_sample_jacobian`'s ``J``, cut into its per-layer
+    ``(d_out, d_in [+1])`` blocks (the layout of ``blocks``, as returned next to ``J``)."""
+    out, start = {}, 0
+    for name, blk in blocks.items():
+        shape = tuple(blk.shape[1:])
+        size = shape[0] * shape[1]
+        out[name] = vec[start : start + size].reshape(shape)
+        start += size
+    if start != vec.shape[0]:
+        raise ValueError(f"split_blocks: vec has {vec.shape[0]} entries, the blocks hold {start}")
+    return out
+
+
+class LinearBlock(nn.Module):
+    """A transformer-like block built from nn.Linear only (no LayerNorm, so every trainable parameter sits in a
+    Linear): single-head attention on q/k/v/o projections and a Tanh MLP with residuals, then a per-token classifier.
+    Inputs ``(N, T, d)``, logits ``(N, T, n_out)``; tokens mix only within a sample."""
+
+    def __init__(self, d: int = 4, ff: int = 6, n_out: int = 3):
+        super().__init__()
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d, bias=False)
+        self.up = nn.Linear(d, ff)
+        self.down = nn.Linear(ff, d)
+        self.cls = nn.Linear(d, n_out)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + self.o(att @ v)
+        x = x + self.down(torch.tanh(self.up(x)))
+        return self.cls(x)

@@ -343,7 +343,7 @@ class _DualStep:
         self.steps += 1
         self._passes = 0
         self._logits = None
-        self._capture.drop_outputs()
+        self._capture.clear()  # the recorded inputs and gradients are spent: a second step() needs a new backward
 
     def _check_targets(self, targets, n: int) -> torch.Tensor:
         if not isinstance(targets, torch.Tensor):
@@ -486,6 +486,8 @@ class SF(_DualStep):
                 if p is not None and p.grad is None:
                     raise RuntimeError(f"SF.step: layer {name!r} has no gradient; call loss.backward() first")
         with torch.no_grad():
+            if self.check_finite and not bool(torch.isfinite(z.detach()).all()):
+                raise FloatingPointError("SF.step: the logits are not finite; no gradient was changed")
             probs = torch.softmax(z.detach().to(acc_dtype(z.dtype)), dim=-1)
             flat = probs.reshape(-1, probs.shape[-1])
             sampled = torch.multinomial(flat, 1, generator=self.generator).reshape(z.shape[:-1])
@@ -526,9 +528,9 @@ class SF(_DualStep):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
         gs = state_dict.get("generator_state")
+        if gs is not None and self.generator is None:
+            raise ValueError("SF.load_state_dict: the state holds a generator state but this SF has no generator")
+        super().load_state_dict(state_dict)
         if gs is not None:
-            if self.generator is None:
-                raise ValueError("SF.load_state_dict: the state holds a generator state but this SF has no generator")
             self.generator.set_state(gs)
