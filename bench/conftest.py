@@ -262,6 +262,10 @@ def _versions() -> dict:
         "sym_eig",
         "kron_precondition",
         "kron_precondition_eigen",
+        "weighted_grad_sum",
+        "per_sample_grad_dot",
+        "logit_grad_sqnorms",
+        "ief_coefficients",
     )
     return {
         "python": platform.python_version(),

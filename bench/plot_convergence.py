@@ -1,10 +1,18 @@
-"""Curves of a convergence results file: ``python bench/plot_convergence.py [RESULTS.json] [--out PLOT.png]``.
+"""Curves of a convergence results file: ``python bench/plot_convergence.py [RESULTS.json] [--kind kfac|ief]
+[--out PLOT.png]``.
 
-One row of panels per model: test accuracy against epochs and against training wall time (log x axes, so that the
-first epochs stay visible; the model's target accuracies as horizontal lines), and training loss against epochs (log
-scale). Each optimizer is one line, the mean over its seeds, with the band between the lowest and highest seed.
-Without a path it plots the newest ``bench/results/convergence-kfac_*.json``. Needs matplotlib; without it, says so
-and exits 0.
+K-FAC files (``bench/convergence_kfac.py``): one row of panels per model: test accuracy against epochs and against
+training wall time (log x axes, so that the first epochs stay visible; the model's target accuracies as horizontal
+lines), and training loss against epochs (log scale).
+
+iEF files (``bench/convergence_ief.py``): one row: test accuracy against epochs and against training wall time,
+training loss against epochs (log scale), and the approximation-quality indicator against epochs (log scale; 1 is
+SGD). The indicator is first reduced per seed to the median of its points within each epoch (plotted at the epoch's
+middle), then averaged over the seeds.
+
+Each optimizer is one line, the mean over its seeds, with the band between the lowest and highest seed. Without a
+path it plots the newest ``bench/results/convergence-<kind>_*.json`` (either kind when ``--kind`` is not given).
+Needs matplotlib; without it, says so and exits 0.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import argparse
 import glob
 import json
 import os
+import statistics
 import sys
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -34,9 +43,89 @@ def _stack(runs: list[dict], key: str) -> tuple[list[float], list[float], list[f
     return epochs, mean, lo, hi
 
 
+def _indicator_by_epoch(runs: list[dict]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per epoch (x at its middle): the mean / min / max over the seeds of each seed's median indicator in that
+    epoch; epochs without a finite point in some seed are left out."""
+    per_seed = []
+    for r in runs:
+        bins: dict[int, list[float]] = {}
+        for ep, v in zip(r["indicator"]["epoch"], r["indicator"]["ratio"]):
+            if v is not None:
+                bins.setdefault(int(ep), []).append(v)
+        per_seed.append({k: statistics.median(v) for k, v in bins.items()})
+    common = sorted(set.intersection(*(set(m) for m in per_seed))) if per_seed else []
+    xs, mean, lo, hi = [], [], [], []
+    for k in common:
+        vals = [m[k] for m in per_seed]
+        xs.append(k + 0.5)
+        mean.append(sum(vals) / len(vals))
+        lo.append(min(vals))
+        hi.append(max(vals))
+    return xs, mean, lo, hi
+
+
+def _plot_ief(result: dict, out: str, plt) -> str:
+    entries = result["entries"]
+    fig, (ax_ep, ax_t, ax_loss, ax_ind) = plt.subplots(1, 4, figsize=(21, 4.6))
+    for i, e in enumerate(entries):
+        runs, color = e["runs"], f"C{i}"
+        label = f"{e['optimizer']} ({', '.join(f'{k} {v:g}' for k, v in e['hparams'].items())})"
+        ep, acc, lo, hi = _stack(runs, "eval_acc")
+        ax_ep.plot(ep[1:], acc[1:], color=color, label=label)
+        ax_ep.fill_between(ep[1:], lo[1:], hi[1:], color=color, alpha=0.2, linewidth=0)
+        secs = _stack(runs, "seconds")[1]
+        n = min(len(secs), len(acc))
+        ax_t.plot(secs[1:n], acc[1:n], color=color, label=label)
+        ax_t.fill_between(secs[1:n], lo[1:n], hi[1:n], color=color, alpha=0.2, linewidth=0)
+        ep, loss, lo, hi = _stack(runs, "train_loss")
+        ax_loss.plot(ep, loss, color=color, label=label)
+        ax_loss.fill_between(ep, lo, hi, color=color, alpha=0.2, linewidth=0)
+        ep, ind, lo, hi = _indicator_by_epoch(runs)
+        if ep:
+            ax_ind.plot(ep, ind, color=color, label=label)
+            ax_ind.fill_between(ep, lo, hi, color=color, alpha=0.2, linewidth=0)
+    ax_ep.set_xlabel("epoch, log scale")
+    ax_ep.set_xscale("log")
+    ax_t.set_xlabel("training wall time (s, mean over seeds), log scale")
+    ax_t.set_xscale("log")
+    finals = [e["summary"]["final_test_acc_mean"] for e in entries if e["summary"]["final_test_acc_mean"] is not None]
+    floor = max(0.0, min([0.8, *(f - 0.05 for f in finals)]))
+    for ax in (ax_ep, ax_t):
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(floor, 1.0)
+        ax.grid(alpha=0.3)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss (mean since the previous point)")
+    ax_loss.grid(alpha=0.3)
+    ax_ind.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+    ax_ind.set_yscale("log")
+    ax_ind.set_xlabel("epoch")
+    ax_ind.set_ylabel("gamma(update) / gamma(grad)  (lower is better)")
+    ax_ind.grid(alpha=0.3, which="both")
+    ax_ep.set_title("test accuracy", fontsize=10)
+    ax_t.set_title("test accuracy against training time", fontsize=10)
+    ax_loss.set_title("training loss", fontsize=10)
+    every = result.get("protocol", {}).get("indicator_every")
+    ax_ind.set_title(f"update-quality indicator (every {every} steps, per-epoch median)", fontsize=10)
+    ax_ep.legend(fontsize=8, loc="lower right")
+    dev = result.get("device", {})
+    proto = result.get("protocol", {})
+    fig.suptitle(
+        f"digits, {proto.get('model')}, batch {proto.get('batch_size')}, {proto.get('seeds')} seeds (band: min-max) - "
+        f"{dev.get('name')}, {dev.get('torch_threads')} threads ({result.get('date')}, commit "
+        f"{str(result.get('git', {}).get('commit'))[:10]})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot(result: dict, out: str) -> str | None:
-    """Draws ``result`` (the dict ``bench/convergence_kfac.py`` writes) into ``out``; returns ``out``, or None
-    when matplotlib is missing."""
+    """Draws ``result`` (the dict ``bench/convergence_kfac.py`` or ``bench/convergence_ief.py`` writes) into
+    ``out``; returns ``out``, or None when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -46,6 +135,8 @@ def plot(result: dict, out: str) -> str | None:
         print("matplotlib is not installed: no plot drawn (pip install matplotlib)")
         return None
 
+    if result.get("kind") == "convergence-ief":
+        return _plot_ief(result, out, plt)
     entries = result["entries"]
     models = list(dict.fromkeys(e["model"] for e in entries))
     optimizers = list(dict.fromkeys(e["optimizer"] for e in entries))
@@ -100,14 +191,18 @@ def plot(result: dict, out: str) -> str | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="?", help="results JSON (default: newest convergence-kfac_*.json)")
+    parser.add_argument("results", nargs="?", help="results JSON (default: the newest convergence file of --kind)")
+    parser.add_argument("--kind", choices=("kfac", "ief"), help="which newest file to plot (default: either)")
     parser.add_argument("--out", help="image path (default: the results path with .png)")
     args = parser.parse_args(argv)
     path = args.results
     if path is None:
-        files = sorted(glob.glob(os.path.join(RESULTS, "convergence-kfac_*.json")), key=os.path.getmtime)
+        kinds = [args.kind] if args.kind else ["kfac", "ief"]
+        pattern = " or ".join(f"convergence-{k}_*.json" for k in kinds)
+        files = [f for k in kinds for f in glob.glob(os.path.join(RESULTS, f"convergence-{k}_*.json"))]
+        files.sort(key=os.path.getmtime)
         if not files:
-            print(f"no convergence-kfac_*.json in {RESULTS}; run bench/convergence_kfac.py first", file=sys.stderr)
+            print(f"no {pattern} in {RESULTS}; run bench/convergence_<kind>.py first", file=sys.stderr)
             return 1
         path = files[-1]
     with open(path) as f:

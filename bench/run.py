@@ -31,6 +31,8 @@ OP_ORDER = (
     "kron_precondition",
     "kron_precondition_eigen",
     "kfac_step",
+    "ief_update",
+    "ief_step",
 )
 # "context": a measurement shown for scale that is no baseline (e.g. a plain SGD step beside the Adam step).
 KIND_ORDER = ("pycurv", "torch.func", "baseline-a", "baseline", "baseline+compile", "context")
@@ -312,9 +314,12 @@ def main(argv=None) -> int:
         "baselines": {
             "a": "per-sample ops: torch.func vmap(grad) per-sample weight gradients of a linear layer, flattened to "
             "J, then J J^T / row norms / column sums of squares; damped_inverse: a Python loop over the layers of "
-            "torch.linalg.cholesky + torch.cholesky_inverse",
+            "torch.linalg.cholesky + torch.cholesky_inverse; ief_update: torch.func vmap(grad) per-sample gradients of "
+            "every layer concatenated to J, J J^T, torch.linalg.solve in float64, J^T alpha",
             "b": "the faster eager plain-PyTorch formulation per op/shape/dtype (named in baseline_b; (a) competes "
-            "too); per-sample ops: matmuls in the input dtype, the rest in float32; kfac_step: an Adam step",
+            "too); per-sample ops: matmuls in the input dtype, the rest in float32; kfac_step, ief_step: an Adam "
+            "step; ief_update: ghost Grams per layer (or bmm per-sample gradients of one layer where the cost model "
+            "materialises), closed-form s, float64 Cholesky, (g * alpha)^T a per layer",
         },
         "float32_matmul_precision": session.get("float32_matmul_precision"),
         "quick": args.quick,
