@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-KERNEL_MODULES = ("pycurv.kernels.per_sample", "pycurv.kernels.kfac", "pycurv.kernels.ief")
+KERNEL_MODULES = ("pycurv.kernels.per_sample", "pycurv.kernels.kfac", "pycurv.kernels.ief", "pycurv.kernels.fop")
 # Hopper: 227 KiB of shared memory per block at most
 MAX_SHARED = 232448
 # Integer arguments that are 1 for contiguous inputs (Triton specialises a 1 into a constant at launch).
