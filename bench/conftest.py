@@ -266,6 +266,8 @@ def _versions() -> dict:
         "per_sample_grad_dot",
         "logit_grad_sqnorms",
         "ief_coefficients",
+        "fop_update",
+        "fop_precondition",
     )
     return {
         "python": platform.python_version(),

@@ -1,4 +1,4 @@
-"""Curves of a convergence results file: ``python bench/plot_convergence.py [RESULTS.json] [--kind kfac|ief]
+"""Curves of a convergence results file: ``python bench/plot_convergence.py [RESULTS.json] [--kind kfac|ief|fop]
 [--out PLOT.png]``.
 
 K-FAC files (``bench/convergence_kfac.py``): one row of panels per model: test accuracy against epochs and against
@@ -10,8 +10,13 @@ training loss against epochs (log scale), and the approximation-quality indicato
 SGD). The indicator is first reduced per seed to the median of its points within each epoch (plotted at the epoch's
 middle), then averaged over the seeds.
 
+FOP files (``bench/convergence_fop.py``): one row: test accuracy against epochs and against training wall time (log
+x axis), training loss against epochs (log scale), and a heat map of the learned 9x9 preconditioner ``P = M M^T`` of
+the first convolution minus the identity it starts from (seed 0 of the FOP run that ends best; the range of the
+eigenvalues of ``P`` in the title). FOP lines are dashed, HD lines dotted.
+
 Each optimizer is one line, the mean over its seeds, with the band between the lowest and highest seed. Without a
-path it plots the newest ``bench/results/convergence-<kind>_*.json`` (either kind when ``--kind`` is not given).
+path it plots the newest ``bench/results/convergence-<kind>_*.json`` (any kind when ``--kind`` is not given).
 Needs matplotlib; without it, says so and exits 0.
 """
 
@@ -123,8 +128,81 @@ def _plot_ief(result: dict, out: str, plt) -> str:
     return out
 
 
+def _plot_fop(result: dict, out: str, plt) -> str:
+    entries = result["entries"]
+    best = result.get("learned_P_best")
+    panels = 4 if best else 3
+    fig, axes = plt.subplots(
+        1, panels, figsize=(5.3 * panels, 4.6), gridspec_kw={"width_ratios": [1.25] * 3 + [1] * (panels - 3)}
+    )
+    ax_ep, ax_t, ax_loss = axes[:3]
+    styles = {"fop": "--", "hd": ":"}
+    for i, e in enumerate(entries):
+        runs, color = e["runs"], f"C{i}"
+        style = styles.get(e["optimizer"].split("-", 1)[0], "-")
+        label = f"{e['optimizer']} ({', '.join(f'{k} {v:g}' for k, v in e['hparams'].items())})"
+        ep, acc, lo, hi = _stack(runs, "eval_acc")
+        ax_ep.plot(ep[1:], acc[1:], color=color, linestyle=style, label=label)
+        ax_ep.fill_between(ep[1:], lo[1:], hi[1:], color=color, alpha=0.15, linewidth=0)
+        secs = _stack(runs, "seconds")[1]
+        n = min(len(secs), len(acc))
+        ax_t.plot(secs[1:n], acc[1:n], color=color, linestyle=style, label=label)
+        ax_t.fill_between(secs[1:n], lo[1:n], hi[1:n], color=color, alpha=0.15, linewidth=0)
+        ep, loss, lo, hi = _stack(runs, "train_loss")
+        ax_loss.plot(ep, loss, color=color, linestyle=style, label=label)
+        ax_loss.fill_between(ep, lo, hi, color=color, alpha=0.15, linewidth=0)
+    ax_ep.set_xlabel("epoch")
+    ax_t.set_xlabel("training wall time (s, mean over seeds), log scale")
+    ax_t.set_xscale("log")
+    finals = [e["summary"]["final_test_acc_mean"] for e in entries if e["summary"]["final_test_acc_mean"] is not None]
+    floor = max(0.0, min([0.8, *(f - 0.05 for f in finals)]))
+    for ax in (ax_ep, ax_t):
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(floor, 1.0)
+        ax.grid(alpha=0.3)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss (mean over the epoch)")
+    ax_loss.grid(alpha=0.3, which="both")
+    ax_ep.set_title("test accuracy", fontsize=10)
+    ax_t.set_title("test accuracy against training time", fontsize=10)
+    ax_loss.set_title("training loss", fontsize=10)
+    ax_ep.legend(fontsize=8, loc="lower right")
+    if best:
+        ax_p = axes[3]
+        # P - I: the learned part, on a scale of its own (P itself is dominated by the identity it starts from)
+        dev = [[v - (i == j) for j, v in enumerate(row)] for i, row in enumerate(best["P"])]
+        lim = max(abs(v) for row in dev for v in row) or 1.0
+        img = ax_p.imshow(dev, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        fig.colorbar(img, ax=ax_p, fraction=0.046, pad=0.04)
+        taps = [f"{i},{j}" for i in range(3) for j in range(3)]
+        ax_p.set_xticks(range(len(taps)), taps, fontsize=7, rotation=90)
+        ax_p.set_yticks(range(len(taps)), taps, fontsize=7)
+        ax_p.set_xlabel("kernel tap (row, column)")
+        hp = ", ".join(f"{k} {v:g}" for k, v in best["hparams"].items())
+        eig = best["P_eigenvalues"]
+        ax_p.set_title(
+            f"learned P - I (P = M M^T), first conv, eig(P) {min(eig):.3g} - {max(eig):.3g}\n"
+            f"{best['optimizer']} ({hp}), seed {best['seed']}",
+            fontsize=9,
+        )
+    dev = result.get("device", {})
+    proto = result.get("protocol", {})
+    fig.suptitle(
+        f"digits, {proto.get('model')}, batch {proto.get('batch_size')}, {proto.get('seeds')} seeds (band: min-max) - "
+        f"{dev.get('name')}, {dev.get('torch_threads')} threads ({result.get('date')}, commit "
+        f"{str(result.get('git', {}).get('commit'))[:10]})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot(result: dict, out: str) -> str | None:
-    """Draws ``result`` (the dict ``bench/convergence_kfac.py`` or ``bench/convergence_ief.py`` writes) into
+    """Draws ``result`` (the dict ``bench/convergence_kfac.py``, ``bench/convergence_ief.py`` or
+    ``bench/convergence_fop.py`` writes) into
     ``out``; returns ``out``, or None when matplotlib is missing."""
     try:
         import matplotlib
@@ -137,6 +215,8 @@ def plot(result: dict, out: str) -> str | None:
 
     if result.get("kind") == "convergence-ief":
         return _plot_ief(result, out, plt)
+    if result.get("kind") == "convergence-fop":
+        return _plot_fop(result, out, plt)
     entries = result["entries"]
     models = list(dict.fromkeys(e["model"] for e in entries))
     optimizers = list(dict.fromkeys(e["optimizer"] for e in entries))
@@ -192,12 +272,12 @@ def plot(result: dict, out: str) -> str | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="?", help="results JSON (default: the newest convergence file of --kind)")
-    parser.add_argument("--kind", choices=("kfac", "ief"), help="which newest file to plot (default: either)")
+    parser.add_argument("--kind", choices=("kfac", "ief", "fop"), help="which newest file to plot (default: any)")
     parser.add_argument("--out", help="image path (default: the results path with .png)")
     args = parser.parse_args(argv)
     path = args.results
     if path is None:
-        kinds = [args.kind] if args.kind else ["kfac", "ief"]
+        kinds = [args.kind] if args.kind else ["kfac", "ief", "fop"]
         pattern = " or ".join(f"convergence-{k}_*.json" for k in kinds)
         files = [f for k in kinds for f in glob.glob(os.path.join(RESULTS, f"convergence-{k}_*.json"))]
         files.sort(key=os.path.getmtime)

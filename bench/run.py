@@ -33,6 +33,9 @@ OP_ORDER = (
     "kfac_step",
     "ief_update",
     "ief_step",
+    "fop_update",
+    "fop_precondition",
+    "fop_step",
 )
 # "context": a measurement shown for scale that is no baseline (e.g. a plain SGD step beside the Adam step).
 KIND_ORDER = ("pycurv", "torch.func", "baseline-a", "baseline", "baseline+compile", "context")
@@ -319,7 +322,9 @@ def main(argv=None) -> int:
             "b": "the faster eager plain-PyTorch formulation per op/shape/dtype (named in baseline_b; (a) competes "
             "too); per-sample ops: matmuls in the input dtype, the rest in float32; kfac_step, ief_step: an Adam "
             "step; ief_update: ghost Grams per layer (or bmm per-sample gradients of one layer where the cost model "
-            "materialises), closed-form s, float64 Cholesky, (g * alpha)^T a per layer",
+            "materialises), closed-form s, float64 Cholesky, (g * alpha)^T a per layer; fop_update / fop_precondition: "
+            "the faster of batched matmuls and a loop over the layers of C = G_prev^T G_cur, M += c (C + C^T) M / "
+            "G (M M^T); fop_step: the bare base optimizer's step (SGD with momentum 0.9, or Adam)",
         },
         "float32_matmul_precision": session.get("float32_matmul_precision"),
         "quick": args.quick,
