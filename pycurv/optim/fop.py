@@ -41,7 +41,9 @@ Guard rails: after the update every factor's Frobenius norm is checked against `
 identity has norm ``sqrt(k)``), and for finiteness: one host synchronisation per step. A factor that fails keeps
 its previous value and, with ``on_blowup="raise"`` (default), ``FloatingPointError`` names the parameters before
 any gradient is changed; with ``"skip"`` a ``UserWarning`` names them and the step goes on with their old factors.
-A non-finite gradient makes its factor non-finite and is caught the same way.
+With ``check_finite=True`` (default) the gradients are checked in the same synchronisation: a non-finite gradient
+raises ``FloatingPointError`` naming the parameters before any factor, gradient or parameter changes. A parameter
+without a gradient is skipped (its factor and kept gradient wait for its next gradient).
 
 ``freeze()`` stops the factor updates (the learned preconditioner keeps being applied), ``unfreeze()`` resumes them;
 ``preconditioners()`` exports ``P = M M^T`` (and ``M``) per parameter for inspection. ``state_dict()`` holds the
@@ -101,9 +103,25 @@ class _Group:
             eye_o = torch.eye(r, dtype=self.dtype, device=p0.device)
             self.m_out = eye_o.expand(b, r, r).clone()
         self.prev: torch.Tensor | None = None  # (B, r, k) in the gradients' dtype
+        self.has_prev = [False] * b  # which rows of prev hold a kept gradient
+        self.group_index = 0  # the parameter group (position in param_groups) all of them belong to
 
-    def grads(self) -> torch.Tensor:
-        return torch.stack([p.grad.reshape(self.r, self.k) for p in self.params])
+    def grads(self, sel: list[int]) -> torch.Tensor:
+        return torch.stack([self.params[j].grad.reshape(self.r, self.k) for j in sel])
+
+    @staticmethod
+    def rows(x: torch.Tensor, sel: list[int], full: bool) -> torch.Tensor:
+        return x if full else x[sel]
+
+    def keep(self, sel: list[int], cur: torch.Tensor) -> None:
+        if len(sel) == len(self.params):
+            self.prev = cur
+        else:
+            if self.prev is None:
+                self.prev = cur.new_zeros((len(self.params), self.r, self.k))
+            self.prev[sel] = cur
+        for j in sel:
+            self.has_prev[j] = True
 
 
 class FOP(torch.optim.Optimizer):
@@ -118,6 +136,7 @@ class FOP(torch.optim.Optimizer):
         exclude: parameters, or a predicate ``f(p) -> bool``, to leave unpreconditioned.
         max_norm: a factor whose Frobenius norm exceeds ``max_norm * sqrt(k)`` (or is not finite) is rejected.
         on_blowup: ``"raise"`` or ``"skip"`` for rejected factors.
+        check_finite: raise ``FloatingPointError`` on a non-finite gradient before anything changes.
         backend: passed to the :mod:`pycurv.ops` calls.
         **base_kwargs: passed to ``base`` (``momentum``, ``betas``, ``weight_decay``, ...).
     """
@@ -133,6 +152,7 @@ class FOP(torch.optim.Optimizer):
         exclude: Iterable[torch.Tensor] | Callable[[torch.Tensor], bool] | None = None,
         max_norm: float = 1e3,
         on_blowup: str = "raise",
+        check_finite: bool = True,
         backend: str = "auto",
         **base_kwargs,
     ):
@@ -145,6 +165,8 @@ class FOP(torch.optim.Optimizer):
             raise ValueError(f"FOP: max_norm must be a number > 1, got {max_norm!r}")
         if on_blowup not in _BLOWUP:
             raise ValueError(f"FOP: on_blowup must be one of {_BLOWUP}, got {on_blowup!r}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"FOP: check_finite must be a bool, got {check_finite!r}")
         if not isinstance(output_side, bool):
             raise TypeError(f"FOP: output_side must be a bool, got {output_side!r}")
         if backend not in ops.BACKENDS:
@@ -161,6 +183,7 @@ class FOP(torch.optim.Optimizer):
         self.output_side = output_side
         self.max_norm = float(max_norm)
         self.on_blowup = on_blowup
+        self.check_finite = check_finite
         self.backend = backend
         self.frozen = False
         if exclude is None:
@@ -181,16 +204,16 @@ class FOP(torch.optim.Optimizer):
 
     def _build(self) -> None:
         by_key: dict[tuple, list[torch.Tensor]] = {}
-        for p, group in self._params():
-            view = _fop_view(p)
-            if view is None or self._excluded(p) or id(p) in self._where:
-                continue
-            key = (*view, p.dtype, p.device, id(group))
-            by_key.setdefault(key, []).append(p)
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                view = _fop_view(p)
+                if view is None or self._excluded(p) or id(p) in self._where:
+                    continue
+                key = (*view, p.dtype, p.device, gi)
+                by_key.setdefault(key, []).append(p)
         for key, ps in by_key.items():
-            if key in self._groups:  # add_param_group: a new group dict gives new keys
-                continue
             grp = _Group(ps, key[0], key[1], self.output_side and ps[0].dim() == 2)
+            grp.group_index = key[-1]
             self._groups[key] = grp
             for i, p in enumerate(ps):
                 self._where[id(p)] = (key, i)
@@ -204,8 +227,7 @@ class FOP(torch.optim.Optimizer):
         self._build()
 
     def _group_of(self, grp: _Group) -> dict:
-        gid = next(k for k, v in self._groups.items() if v is grp)[-1]
-        return next(g for g in self.param_groups if id(g) == gid)
+        return self.param_groups[grp.group_index]
 
     # -- step ------------------------------------------------------------------------------------------------
 
@@ -215,93 +237,109 @@ class FOP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
-        for key, grp in self._groups.items():
-            have = [p.grad is not None for p in grp.params]
-            if not all(have):
-                if any(have):
-                    names = [i for i, h in enumerate(have) if not h]
-                    raise RuntimeError(
-                        f"FOP.step: parameters {names} of a same-shape group of {len(have)} have no gradient while "
-                        "the others have one; FOP needs them all or none"
-                    )
-                continue
-            work.append((key, grp, grp.grads()))
-        updates = []
-        for key, grp, cur in work:
+        work = []  # (group, rows with a gradient, all rows?, their gradients)
+        for grp in self._groups.values():
+            sel = [j for j, p in enumerate(grp.params) if p.grad is not None]
+            if sel:
+                work.append((grp, sel, len(sel) == len(grp.params), grp.grads(sel)))
+        updates = []  # (group, rows updated, all rows?, new M, new M_out)
+        for grp, sel, _, cur in work:
             group = self._group_of(grp)
-            if self.frozen or grp.prev is None or group["hyper_lr"] == 0:
+            if self.frozen or group["hyper_lr"] == 0:
                 continue
+            pos = [i for i, j in enumerate(sel) if grp.has_prev[j]]
+            if not pos:
+                continue
+            js = [sel[i] for i in pos]
+            full = len(js) == len(grp.params)
+            c = cur if len(pos) == len(sel) else cur[pos]
+            m, prev = grp.rows(grp.m, js, full), grp.rows(grp.prev, js, full)
             lr, hyper = float(group["lr"]), float(group["hyper_lr"])
-            new_m = grp.m.clone()
-            new_out = None
+            new_m, new_out = m.clone(), None
             if grp.m_out is None:
-                ops.fop_update(new_m, grp.prev, cur, lr, hyper, backend=self.backend)
+                ops.fop_update(new_m, prev, c, lr, hyper, backend=self.backend)
             else:
-                p_out = grp.m_out @ grp.m_out.mT
-                p_in = grp.m @ grp.m.mT
-                prev = grp.prev.to(grp.dtype)
-                ops.fop_update(new_m, p_out @ prev, cur.to(grp.dtype), lr, hyper, backend=self.backend)
-                new_out = grp.m_out.clone()
-                ops.fop_update(
-                    new_out, (prev @ p_in).mT, cur.to(grp.dtype).mT, lr, hyper, backend=self.backend
-                )
-            updates.append((grp, new_m, new_out))
-        if updates:
-            self._accept(updates)
-        outs = []
-        for key, grp, cur in work:
+                m_out = grp.rows(grp.m_out, js, full)
+                p_out, p_in = m_out @ m_out.mT, m @ m.mT
+                prev, c = prev.to(grp.dtype), c.to(grp.dtype)
+                ops.fop_update(new_m, p_out @ prev, c, lr, hyper, backend=self.backend)
+                new_out = m_out.clone()
+                ops.fop_update(new_out, (prev @ p_in).mT, c.mT, lr, hyper, backend=self.backend)
+            updates.append((grp, js, full, new_m, new_out))
+        self._check_and_accept(work, updates)
+        for grp, sel, full, cur in work:
+            m = grp.rows(grp.m, sel, full)
             if grp.m_out is None:
-                pg = ops.fop_precondition(grp.m, cur, backend=self.backend)
+                pg = ops.fop_precondition(m, cur, backend=self.backend)
             else:
-                pg = ops.fop_precondition(grp.m, cur.to(grp.dtype), backend=self.backend)
-                pg = ops.fop_precondition(grp.m_out, pg.mT.contiguous(), backend=self.backend).mT
-            grp.prev = cur
-            outs.append((grp, pg))
-        for grp, pg in outs:
-            torch._foreach_copy_([p.grad for p in grp.params], [x.reshape(p.shape) for x, p in zip(pg.unbind(0), grp.params)])
+                pg = ops.fop_precondition(m, cur.to(grp.dtype), backend=self.backend)
+                pg = ops.fop_precondition(grp.rows(grp.m_out, sel, full), pg.mT.contiguous(), backend=self.backend).mT
+            grp.keep(sel, cur)
+            ps = [grp.params[j] for j in sel]
+            torch._foreach_copy_([p.grad for p in ps], [x.reshape(p.shape) for x, p in zip(pg.unbind(0), ps)])
         self.base.step()
         return loss
 
-    def _accept(self, updates) -> None:
-        mats = [m for _, new_m, new_out in updates for m in (new_m, new_out) if m is not None]
-        norms = torch.cat([torch.linalg.matrix_norm(m).double().reshape(-1) for m in mats])
-        norms = norms.cpu().tolist()
-        i, bad = 0, []
-        for grp, new_m, new_out in updates:
-            ok = torch.ones(len(grp.params), dtype=torch.bool)
+    def _describe(self, grp: _Group, rows: list[int]) -> list[str]:
+        order = {id(p): i for i, (p, _) in enumerate(self._params())}
+        return [f"#{order[id(grp.params[j])]} {tuple(grp.params[j].shape)}" for j in rows]
+
+    def _check_and_accept(self, work, updates) -> None:
+        """One host synchronisation: the gradients must be finite (``check_finite``) and every new factor finite
+        and within ``max_norm * sqrt(k)``; rejected factors keep their value (see the module docstring)."""
+        mats = [m for *_, new_m, new_out in updates for m in (new_m, new_out) if m is not None]
+        parts = [torch.linalg.matrix_norm(m).double().reshape(-1) for m in mats]
+        if self.check_finite:
+            parts += [cur.flatten(1).abs().sum(1).double() for *_, cur in work]
+        if not parts:
+            return
+        vals = torch.cat([x.to(parts[0].device) for x in parts]).cpu().tolist()
+        n_norm = sum(m.shape[0] for m in mats)
+        norms, sums = vals[:n_norm], vals[n_norm:]
+        if self.check_finite:
+            bad, i = [], 0
+            for grp, sel, _, _ in work:
+                bad += self._describe(grp, [j for t, j in enumerate(sel) if not math.isfinite(sums[i + t])])
+                i += len(sel)
+            if bad:
+                raise FloatingPointError(
+                    f"FOP.step: the gradients of parameters {bad} (index in the optimizer, shape) are not finite; no "
+                    "factor, gradient or parameter was changed"
+                )
+        i, verdicts, which = 0, [], []
+        for grp, js, full, new_m, new_out in updates:
+            ok = [True] * len(js)
             for m in (new_m, new_out):
                 if m is None:
                     continue
                 lim = self.max_norm * math.sqrt(m.shape[-1])
-                for j in range(m.shape[0]):
-                    v = norms[i]
+                for t in range(m.shape[0]):
+                    if not (math.isfinite(norms[i]) and norms[i] <= lim):
+                        ok[t] = False
                     i += 1
-                    if not (math.isfinite(v) and v <= lim):
-                        ok[j] = False
-            bad.append((grp, ok))
-        failed = [(grp, ok) for grp, ok in bad if not bool(ok.all())]
-        order = {id(p): i for i, (p, _) in enumerate(self._params())}
-        which = [
-            f"#{order[id(grp.params[j])]} {tuple(grp.params[j].shape)}"
-            for grp, ok in failed
-            for j in (~ok).nonzero().flatten().tolist()
-        ]
-        if failed and self.on_blowup == "raise":
+            verdicts.append(ok)
+            which += self._describe(grp, [j for t, j in enumerate(js) if not ok[t]])
+        if which and self.on_blowup == "raise":
             raise FloatingPointError(
-                f"FOP.step: the preconditioner factors of parameters {which} (index in the optimizer, shape) blew up (norm above "
-                f"max_norm * sqrt(k) = {self.max_norm:g} sqrt(k), or not finite): lower hyper_lr; the factors were "
-                "kept and no gradient was changed"
+                f"FOP.step: the preconditioner factors of parameters {which} (index in the optimizer, shape) blew up "
+                f"(norm above max_norm * sqrt(k) = {self.max_norm:g} sqrt(k), or not finite): lower hyper_lr; the "
+                "factors were kept and no gradient was changed"
             )
-        for (grp, new_m, new_out), (_, ok) in zip(updates, bad):
-            keep = ok.to(grp.m.device).reshape(-1, 1, 1)
-            grp.m = torch.where(keep, new_m, grp.m)
-            if new_out is not None:
-                grp.m_out = torch.where(keep, new_out, grp.m_out)
-        if failed:
+        for (grp, js, full, new_m, new_out), ok in zip(updates, verdicts):
+            keep = torch.tensor(ok, device=new_m.device).reshape(-1, 1, 1)
+            for attr, new in (("m", new_m), ("m_out", new_out)):
+                if new is None:
+                    continue
+                old = getattr(grp, attr)
+                merged = torch.where(keep, new, grp.rows(old, js, full))
+                if full:
+                    setattr(grp, attr, merged)
+                else:
+                    old[js] = merged
+        if which:
             warnings.warn(
-                f"FOP.step: the preconditioner factors of parameters {which} (index in the optimizer, shape) blew up and kept their "
-                "previous value (lower hyper_lr)",
+                f"FOP.step: the preconditioner factors of parameters {which} (index in the optimizer, shape) blew up "
+                "and kept their previous value (lower hyper_lr)",
                 UserWarning,
                 stacklevel=3,
             )
@@ -345,7 +383,7 @@ class FOP(torch.optim.Optimizer):
                 fop[order[id(p)]] = {
                     "M": grp.m[j].clone(),
                     "M_out": None if grp.m_out is None else grp.m_out[j].clone(),
-                    "prev": None if grp.prev is None else grp.prev[j].clone(),
+                    "prev": grp.prev[j].clone() if grp.has_prev[j] else None,
                 }
         return {
             "base": self.base.state_dict(),
@@ -357,6 +395,7 @@ class FOP(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restores :meth:`state_dict`; everything is checked before anything changes."""
         for k in ("base", "fop", "frozen", "output_side"):
             if k not in state_dict:
                 raise KeyError(f"FOP.load_state_dict: missing key {k!r}")
@@ -373,22 +412,42 @@ class FOP(torch.optim.Optimizer):
                 f"FOP.load_state_dict: the state has factors for parameters {sorted(fop)}, this FOP preconditions "
                 f"{sorted(want)}"
             )
+        staged = []
         for grp in self._groups.values():
             idx = [order[id(p)] for p in grp.params]
             for i in idx:
-                if tuple(fop[i]["M"].shape) != (grp.k, grp.k):
-                    raise ValueError(f"FOP.load_state_dict: factor {i} has shape {tuple(fop[i]['M'].shape)}, want ({grp.k}, {grp.k})")
-            grp.m = torch.stack([fop[i]["M"] for i in idx]).to(device=grp.m.device, dtype=grp.dtype)
+                e = fop[i]
+                shapes = {"M": (grp.k, grp.k), "M_out": (grp.r, grp.r), "prev": (grp.r, grp.k)}
+                for name, shape in shapes.items():
+                    v = e.get(name)
+                    if name == "M_out" and grp.m_out is None:
+                        continue
+                    if v is None and name != "prev":
+                        raise ValueError(f"FOP.load_state_dict: parameter {i} has no {name}")
+                    if v is not None and tuple(v.shape) != shape:
+                        raise ValueError(
+                            f"FOP.load_state_dict: {name} of parameter {i} has shape {tuple(v.shape)}, want {shape}"
+                        )
+            dev = grp.m.device
+            m = torch.stack([fop[i]["M"] for i in idx]).to(device=dev, dtype=grp.dtype)
+            m_out = None
             if grp.m_out is not None:
-                grp.m_out = torch.stack([fop[i]["M_out"] for i in idx]).to(device=grp.m.device, dtype=grp.dtype)
-            prevs = [fop[i]["prev"] for i in idx]
-            if all(x is None for x in prevs):
-                grp.prev = None
-            elif any(x is None for x in prevs):
-                raise ValueError("FOP.load_state_dict: a same-shape group has kept gradients for only some parameters")
-            else:
-                grp.prev = torch.stack(prevs).to(grp.m.device)
+                m_out = torch.stack([fop[i]["M_out"] for i in idx]).to(device=dev, dtype=grp.dtype)
+            has = [fop[i]["prev"] is not None for i in idx]
+            prev = None
+            if any(has):
+                ref = next(fop[i]["prev"] for i in idx if fop[i]["prev"] is not None)
+                prev = torch.stack([fop[i]["prev"] if h else torch.zeros_like(ref) for i, h in zip(idx, has)]).to(dev)
+            staged.append((grp, m, m_out, prev, has))
         self.base.load_state_dict(state_dict["base"])
+        # the base replaced its group dicts: share them again
+        self.param_groups = self.base.param_groups
+        for group in self.param_groups:
+            group.setdefault("hyper_lr", self.defaults["hyper_lr"])
+        for grp, m, m_out, prev, has in staged:
+            grp.m, grp.prev, grp.has_prev = m, prev, has
+            if m_out is not None:
+                grp.m_out = m_out
         self.frozen = bool(state_dict["frozen"])
         self.max_norm = float(state_dict.get("max_norm", self.max_norm))
         self.on_blowup = state_dict.get("on_blowup", self.on_blowup)
