@@ -1,6 +1,7 @@
-// GEMM building blocks shared by the CPU kernels: strided matrix views, scratch buffers, a packing driver around
-// oneDNN's BRGEMM micro-kernel (at::native::cpublas::brgemm; AVX2 for float32, AVX-512 for bfloat16 operands with
-// float32 accumulation) with a self-test probe, an ATen fallback, and a dynamic tile scheduler.
+// Building blocks shared by the CPU kernels: input checks, AVX2 loads, strided matrix views, scratch buffers, a
+// packing driver around oneDNN's BRGEMM micro-kernel (at::native::cpublas::brgemm; AVX2 for float32, AVX-512 for
+// bfloat16 operands with float32 accumulation) with a self-test probe, an ATen fallback, and a dynamic tile
+// scheduler.
 //
 // Everything here is single-threaded: callers run it inside at::parallel_for over independent tiles (where BLAS
 // calls run serially). PYCURV_CPU_BRGEMM=0 turns the micro-kernel off (ATen / MKL is used instead).
@@ -34,10 +35,38 @@ using at::Tensor;
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+
 template <typename E>
 constexpr c10::ScalarType scalar_of() {
   return c10::CppTypeToScalarType<E>::value;
 }
+
+inline bool is_float_type(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
+}
+
+inline void check_cpu(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PYCURV_CPU_AVX2 1
+
+// Whether this CPU runs the AVX2 + FMA loops (probed once).
+inline bool cpu_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+// Eight float32 lanes from float32, or from bfloat16 (a 16-bit shift of the bit pattern).
+__attribute__((target("avx2"))) inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+
+__attribute__((target("avx2"))) inline __m256 load8f(const BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------------------------
 // GEMM. An operand is a strided matrix view: element (r, c) at p[r*rs + c*cs], one of rs / cs being 1.

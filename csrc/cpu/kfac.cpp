@@ -41,14 +41,6 @@ namespace {
 
 using namespace cpu;
 
-void check_cpu(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-}
-
-bool is_float_type(c10::ScalarType t) {
-  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // kfac_factor_update
 
@@ -70,23 +62,7 @@ constexpr int64_t kPackCols = 64;
 constexpr int64_t kGroupBytes = int64_t(24) << 20;
 constexpr int64_t kSplitBytes = int64_t(128) << 20;
 
-inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define PYCURV_KFAC_AVX2 1
-
-bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
-__attribute__((target("avx2"))) inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
-
-__attribute__((target("avx2"))) inline __m256 load8f(const BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
+#ifdef PYCURV_CPU_AVX2
 // s[c] += sum_k p[k*ld + c] for c < cols: 32 columns in four registers while the rows stream by.
 template <typename E>
 __attribute__((target("avx2"))) void col_sums_avx2(const E* p, int64_t ld, int64_t rows, int64_t cols, float* s) {
@@ -144,8 +120,8 @@ __attribute__((target("avx2"))) void row_sums_avx2(const E* a, int64_t lda, int6
 // s[c] += sum_k a[c*lda + k] for c < rows, k < len (the column sums of x from its transposed chunk).
 template <typename E>
 void add_row_sums(const E* a, int64_t lda, int64_t rows, int64_t len, float* s) {
-#ifdef PYCURV_KFAC_AVX2
-  if (cpu_has_avx2()) return row_sums_avx2<E>(a, lda, rows, len, s);
+#ifdef PYCURV_CPU_AVX2
+  if (cpu_avx2()) return row_sums_avx2<E>(a, lda, rows, len, s);
 #endif
   for (int64_t c = 0; c < rows; ++c) {
     float t = 0;
@@ -157,9 +133,9 @@ void add_row_sums(const E* a, int64_t lda, int64_t rows, int64_t len, float* s) 
 // s[c] += sum_k p[k*ld + c] for c < cols.
 template <typename E, typename T>
 void add_col_sums(const E* p, int64_t ld, int64_t rows, int64_t cols, T* s) {
-#ifdef PYCURV_KFAC_AVX2
+#ifdef PYCURV_CPU_AVX2
   if constexpr (std::is_same_v<T, float> && (std::is_same_v<E, float> || std::is_same_v<E, BFloat16>)) {
-    if (cpu_has_avx2()) return col_sums_avx2<E>(p, ld, rows, cols, s);
+    if (cpu_avx2()) return col_sums_avx2<E>(p, ld, rows, cols, s);
   }
 #endif
   for (int64_t k = 0; k < rows; ++k) {
@@ -576,7 +552,7 @@ struct MicroShape<double> {
   static constexpr int MR = 6, NR = 8;
 };
 
-#ifdef PYCURV_KFAC_AVX2
+#ifdef PYCURV_CPU_AVX2
 // Block of C (MR x nn, nn <= 16) = alpha A(MR x K) B(K x 16) (+ C when accumulate); B rows ldb apart.
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2(int64_t K, const float* a, int64_t ars, int64_t acs,
@@ -677,8 +653,8 @@ void micro_plain(int mr, int64_t K, const T* a, int64_t ars, int64_t acs, const 
 template <typename T>
 void micro(int mr, int64_t K, const T* a, int64_t ars, int64_t acs, const T* bp, int64_t ldb, T alpha,
            bool accumulate, T* c, int64_t ldc, int64_t nn) {
-#ifdef PYCURV_KFAC_AVX2
-  if (cpu_has_avx2()) {
+#ifdef PYCURV_CPU_AVX2
+  if (cpu_avx2()) {
     switch (mr) {
       case 6: return micro_avx2<6>(K, a, ars, acs, bp, ldb, alpha, accumulate, c, ldc, nn);
       case 5: return micro_avx2<5>(K, a, ars, acs, bp, ldb, alpha, accumulate, c, ldc, nn);

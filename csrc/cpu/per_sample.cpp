@@ -13,7 +13,8 @@
 //
 // GEMMs: on x86 CPUs with oneDNN's BRGEMM micro-kernel (AVX2 for float32, AVX-512 for bfloat16) a small driver
 // packs operand panels and calls at::native::cpublas::brgemm; bfloat16 inputs then multiply as bfloat16 with
-// float32 accumulation (exact products), everything else in float32. Without it (or with PYCURV_CPU_BRGEMM=0)
+// float32 accumulation (exact products), everything else in float32; squares (ef_diag) are formed in float32 and
+// never rounded back to bfloat16. Without it (or with PYCURV_CPU_BRGEMM=0)
 // the tiles go through ATen's matmul (MKL / OpenBLAS) in the accumulation dtype. float64 always uses ATen.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -70,34 +71,21 @@ inline T dot_bias(const T* x, const T* y, int64_t n, T bias) {
   return s;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-bool cpu_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
-__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-// bfloat16 -> float32 is a 16-bit shift of the bit pattern.
-__attribute__((target("avx2,fma"))) inline __m256 load8(const BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
+#ifdef PYCURV_CPU_AVX2
 // sum_i x[i]^2 with four independent accumulators (a single one would be bound by the add latency).
 template <typename E>
 __attribute__((target("avx2,fma"))) float sumsq_avx2(const E* x, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    const __m256 v0 = load8(x + i), v1 = load8(x + i + 8), v2 = load8(x + i + 16), v3 = load8(x + i + 24);
+    const __m256 v0 = load8f(x + i), v1 = load8f(x + i + 8), v2 = load8f(x + i + 16), v3 = load8f(x + i + 24);
     s0 = _mm256_fmadd_ps(v0, v0, s0);
     s1 = _mm256_fmadd_ps(v1, v1, s1);
     s2 = _mm256_fmadd_ps(v2, v2, s2);
     s3 = _mm256_fmadd_ps(v3, v3, s3);
   }
   for (; i + 8 <= n; i += 8) {
-    const __m256 v = load8(x + i);
+    const __m256 v = load8f(x + i);
     s0 = _mm256_fmadd_ps(v, v, s0);
   }
   alignas(32) float lanes[8];
@@ -106,12 +94,11 @@ __attribute__((target("avx2,fma"))) float sumsq_avx2(const E* x, int64_t n) {
   for (; i < n; ++i) r += static_cast<float>(x[i]) * static_cast<float>(x[i]);
   return r;
 }
-#define PYCURV_HAVE_AVX2_SUMSQ 1
 #endif
 
 template <typename T, typename E>
 inline T sumsq(const E* x, int64_t n) {
-#ifdef PYCURV_HAVE_AVX2_SUMSQ
+#ifdef PYCURV_CPU_AVX2
   if constexpr (std::is_same_v<T, float> && (std::is_same_v<E, float> || std::is_same_v<E, BFloat16>)) {
     if (cpu_avx2()) return sumsq_avx2(x, n);
   }
@@ -711,9 +698,9 @@ template <typename E, typename T>
 Tensor ef_diag_impl(const Tensor& a, const Tensor& g, bool bias, bool brg) {
   const int64_t n = a.size(0), tn = a.size(1), di = a.size(2), dout = g.size(2);
   const int64_t w = di + (bias ? 1 : 0);
+  Input<E> ia(a, false), ig(g, false);
   Tensor d = acc_zeros<T>({dout, w});
   T* dp = d.data_ptr<T>();
-  Input<E> ia(a, false), ig(g, false);
   if (tn == 1) {
     // D = (g*g)^T [a*a, 1] over chunks of samples: one GEMM per chunk and d_out block, the bias column rides
     // along as ones (sum_t g = g for T = 1).
