@@ -37,9 +37,12 @@ test: build
 bench: build
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-# K-FAC against SGD and Adam on scikit-learn's digits (about 5 minutes on 2 cores; CONVERGENCE_ARGS=--quick: 1).
+# On scikit-learn's digits: K-FAC, then EF / SF / iEF, then FOP and HD, each against SGD and Adam (CONVERGENCE_ARGS
+# is passed to all three, e.g. --quick for a smoke run or --threads 1).
 convergence: build
 	$(PY) bench/convergence_kfac.py $(CONVERGENCE_ARGS)
+	$(PY) bench/convergence_ief.py $(CONVERGENCE_ARGS)
+	$(PY) bench/convergence_fop.py $(CONVERGENCE_ARGS)
 
 info: build
 
