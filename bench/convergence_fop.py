@@ -65,6 +65,7 @@ from convergence_kfac import (  # noqa: E402
     evaluate,
     hp_text,
     load_data,
+    select_best,
     sync,
     versions,
 )
@@ -233,35 +234,14 @@ def warm_up(opt_name: str, hp: dict, data: dict, device: torch.device) -> None:
 
 def tune(opt_name, grid, fixed, epochs, data, device, evals_per_epoch, log) -> tuple[dict, list[dict]]:
     """Best hyper-parameters of ``grid`` (each combined with ``fixed``) on the validation split, and every
-    candidate's outcome (the rule of ``bench/convergence_kfac.py``: validation accuracy averaged over the last
-    epoch's evaluation points, ties to the lower validation loss)."""
-    trials = []
-    for point in configs(grid):
-        hp = dict(fixed, **point)
-        run = train(opt_name, hp, 0, epochs, data["tune_train"], data["val"], device, evals_per_epoch)
-        last = slice(-evals_per_epoch, None)
-        ok = not run["diverged"] and all(math.isfinite(v) for v in run["eval_loss"][last])
-        trials.append(
-            {
-                "hparams": hp,
-                "val_acc": statistics.fmean(run["eval_acc"][last]) if ok else None,
-                "val_loss": statistics.fmean(run["eval_loss"][last]) if ok else None,
-                "diverged": not ok,
-                "error": run.get("error"),
-                "train_seconds": run["train_seconds"],
-            }
-        )
-        t = trials[-1]
-        log(
-            f"  tune {opt_name:8s} {hp_text(hp):26s} "
-            + (f"val acc {t['val_acc']:.4f} loss {t['val_loss']:.4f}" if ok else "diverged")
-            + f" ({run['train_seconds']:.1f} s)"
-        )
-    scored = [t for t in trials if not t["diverged"]]
-    if not scored:
-        return trials[0]["hparams"], trials
-    best = max(scored, key=lambda t: (t["val_acc"], -t["val_loss"]))
-    return best["hparams"], trials
+    candidate's outcome (the rule of ``bench/convergence_kfac.py``, :func:`select_best`)."""
+    return select_best(
+        f"{opt_name:8s}",
+        [dict(fixed, **point) for point in configs(grid)],
+        lambda hp: train(opt_name, hp, 0, epochs, data["tune_train"], data["val"], device, evals_per_epoch),
+        evals_per_epoch,
+        log,
+    )
 
 
 def _stats(values: list[float]) -> dict:

@@ -258,13 +258,14 @@ def warm_up(model_name: str, opt_name: str, data: dict, device: torch.device) ->
     sync(device)
 
 
-def tune(model_name, opt_name, grid, epochs, data, device, evals_per_epoch, log) -> tuple[dict, list[dict]]:
-    """Best hyper-parameters of ``grid`` on the validation split, and every candidate's outcome. A candidate's score is
-    its validation accuracy averaged over the evaluation points of its last epoch (one point is noisy: a
-    validation image is 0.37 %); ties go to the lower validation loss, averaged the same way."""
+def select_best(label: str, candidates, run_fn, evals_per_epoch: int, log) -> tuple[dict, list[dict]]:
+    """Trains every hyper-parameter dict of ``candidates`` with ``run_fn(hp)`` (a run on the tuning split, as
+    :func:`train` returns it) and returns the best one and every candidate's outcome. A candidate's score is its
+    validation accuracy averaged over the evaluation points of its last epoch (one point is noisy: a validation image
+    is 0.37 %); ties go to the lower validation loss, averaged the same way; diverged runs score nothing."""
     trials = []
-    for hp in configs(grid):
-        run = train(model_name, opt_name, hp, 0, epochs, data["tune_train"], data["val"], device, evals_per_epoch)
+    for hp in candidates:
+        run = run_fn(hp)
         last = slice(-evals_per_epoch, None)
         ok = not run["diverged"] and all(math.isfinite(v) for v in run["eval_loss"][last])
         trials.append(
@@ -273,12 +274,13 @@ def tune(model_name, opt_name, grid, epochs, data, device, evals_per_epoch, log)
                 "val_acc": statistics.fmean(run["eval_acc"][last]) if ok else None,
                 "val_loss": statistics.fmean(run["eval_loss"][last]) if ok else None,
                 "diverged": not ok,
+                "error": run.get("error"),
                 "train_seconds": run["train_seconds"],
             }
         )
         t = trials[-1]
         log(
-            f"  tune {model_name:3s} {opt_name:12s} {hp_text(hp):24s} "
+            f"  tune {label} {hp_text(hp):26s} "
             + (f"val acc {t['val_acc']:.4f} loss {t['val_loss']:.4f}" if ok else "diverged")
             + f" ({run['train_seconds']:.1f} s)"
         )
@@ -287,6 +289,17 @@ def tune(model_name, opt_name, grid, epochs, data, device, evals_per_epoch, log)
         return trials[0]["hparams"], trials
     best = max(scored, key=lambda t: (t["val_acc"], -t["val_loss"]))
     return best["hparams"], trials
+
+
+def tune(model_name, opt_name, grid, epochs, data, device, evals_per_epoch, log) -> tuple[dict, list[dict]]:
+    """Best hyper-parameters of ``grid`` on the validation split, and every candidate's outcome (:func:`select_best`)."""
+    return select_best(
+        f"{model_name:3s} {opt_name:12s}",
+        configs(grid),
+        lambda hp: train(model_name, opt_name, hp, 0, epochs, data["tune_train"], data["val"], device, evals_per_epoch),
+        evals_per_epoch,
+        log,
+    )
 
 
 def count_warnings(caught) -> list[dict]:
