@@ -57,19 +57,17 @@ if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
 from convergence_kfac import (  # noqa: E402
-    SPLIT_SEED,
-    VAL_SEED,
     configs,
     count_warnings,
     device_info,
     evaluate,
     hp_text,
     load_data,
+    result_header,
     select_best,
     sync,
-    versions,
 )
-from run import git_info, slug  # noqa: E402
+from run import slug  # noqa: E402
 
 import pycurv  # noqa: E402
 
@@ -442,24 +440,10 @@ def main(argv=None) -> int:
     runtime = time.perf_counter() - t_start
     dev["load_average_at_end"] = list(os.getloadavg())
 
-    n = {k: v[0].shape[0] for k, v in data.items()}
     result = {
-        "schema": 1,
-        "kind": "convergence-fop",
-        "date": f"{started:%Y-%m-%d}",
-        "started": started.isoformat(timespec="seconds"),
-        "runtime_s": round(runtime, 1),
-        "command": " ".join(["bench/convergence_fop.py", *(argv if argv is not None else sys.argv[1:])]),
-        "device": dev,
-        "versions": versions(),
-        "git": git_info(),
-        "quick": args.quick,
-        "data": {
-            "name": "sklearn.datasets.load_digits (8x8, 10 classes)",
-            "sizes": n,
-            "split": f"stratified 75/25 train/test (random_state={SPLIT_SEED}); validation = stratified 20 % of "
-            f"train (random_state={VAL_SEED}); pixels standardised with the fitting set's mean and std",
-        },
+        **result_header(
+            "convergence-fop", "bench/convergence_fop.py", started, runtime, argv, dev, args.quick, data
+        ),
         "protocol": {
             "model": MODEL_TEXT,
             "loss": "F.cross_entropy, reduction='mean'",

@@ -302,6 +302,28 @@ def tune(model_name, opt_name, grid, epochs, data, device, evals_per_epoch, log)
     )
 
 
+def result_header(kind: str, script: str, started, runtime: float, argv, dev: dict, quick: bool, data: dict) -> dict:
+    """The fields every convergence results file starts with: what ran, where, on which data split."""
+    return {
+        "schema": 1,
+        "kind": kind,
+        "date": f"{started:%Y-%m-%d}",
+        "started": started.isoformat(timespec="seconds"),
+        "runtime_s": round(runtime, 1),
+        "command": " ".join([script, *(argv if argv is not None else sys.argv[1:])]),
+        "device": dev,
+        "versions": versions(),
+        "git": git_info(),
+        "quick": quick,
+        "data": {
+            "name": "sklearn.datasets.load_digits (8x8, 10 classes)",
+            "sizes": {k: v[0].shape[0] for k, v in data.items()},
+            "split": f"stratified 75/25 train/test (random_state={SPLIT_SEED}); validation = stratified 20 % of "
+            f"train (random_state={VAL_SEED}); pixels standardised with the fitting set's mean and std",
+        },
+    }
+
+
 def count_warnings(caught) -> list[dict]:
     """Warnings grouped by category and text with the numbers blanked: ``{"category", "count", "first"}``."""
     groups: dict[tuple, dict] = {}
@@ -510,24 +532,10 @@ def main(argv=None) -> int:
     runtime = time.perf_counter() - t_start
     dev["load_average_at_end"] = list(os.getloadavg())
 
-    n = {k: v[0].shape[0] for k, v in data.items()}
     result = {
-        "schema": 1,
-        "kind": "convergence-kfac",
-        "date": f"{started:%Y-%m-%d}",
-        "started": started.isoformat(timespec="seconds"),
-        "runtime_s": round(runtime, 1),
-        "command": " ".join(["bench/convergence_kfac.py", *(argv if argv is not None else sys.argv[1:])]),
-        "device": dev,
-        "versions": versions(),
-        "git": git_info(),
-        "quick": args.quick,
-        "data": {
-            "name": "sklearn.datasets.load_digits (8x8, 10 classes)",
-            "sizes": n,
-            "split": f"stratified 75/25 train/test (random_state={SPLIT_SEED}); validation = stratified 20 % of "
-            f"train (random_state={VAL_SEED}); pixels standardised with the fitting set's mean and std",
-        },
+        **result_header(
+            "convergence-kfac", "bench/convergence_kfac.py", started, runtime, argv, dev, args.quick, data
+        ),
         "protocol": {
             "batch_size": BATCH_SIZE,
             "drop_last": True,
