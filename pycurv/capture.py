@@ -239,6 +239,8 @@ class Capture:
         def hook(module, inputs, output):
             if not self._active or not torch.is_grad_enabled() or _in_backward():
                 return
+            if module is not self._layers[name].module:  # a deep copy of the model carries this hook along
+                return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
             if self._grad_seen:  # a new pass: the previous one is overwritten

@@ -117,6 +117,21 @@ def test_capture_mean_rescales_g():
         Capture(model, loss_reduction="none")
 
 
+def test_deep_copy_does_not_feed_the_original_capture():
+    """A deep copy of a hooked model carries the hooks along; its passes must not overwrite the original's record."""
+    import copy
+
+    model, x, y = make_problem("mlp", 5)
+    with Capture(model) as cap:
+        ce_sum(model(x), y).backward()
+        want = cap.per_sample_gram().clone()
+        twin = copy.deepcopy(model)
+        ce_sum(twin(2 * x + 1), y).backward()
+    assert torch.equal(cap.per_sample_gram(), want)
+    j, _ = per_sample_jacobian(model, x, y, ce_sum)
+    assert rel_err(want, j @ j.T) < REL_TOL[torch.float64]
+
+
 # -- Conv2d ---------------------------------------------------------------------------------------------------------
 
 CONVS = {

@@ -396,6 +396,20 @@ def test_two_forward_passes_raise():
         pre.remove()
 
 
+def test_deep_copy_of_the_model_is_ignored():
+    """A deep copy carries the hooks along: its forward and backward passes must neither count as a pass nor
+    overwrite what the original recorded."""
+    model, x, y = make_problem("mlp")
+    j, s, blocks, _ = dense_truth(model, x, y, "mean")
+    pre = IEF(model, damping=1e-6)
+    backward(model, x, y, "mean")
+    twin = copy.deepcopy(model)
+    user_loss(twin(2 * x + 1), y, "mean").backward()
+    pre.step(y)
+    check_step(model, blocks, dual_step(j, s, 1e-6), TOL64, "IEF after a pass through a deep copy")
+    pre.remove()
+
+
 def test_step_without_backward_raises():
     model, x, y = make_problem("mlp")
     pre = IEF(model)

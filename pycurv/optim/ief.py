@@ -213,7 +213,7 @@ class _DualStep:
     # -- hooks -----------------------------------------------------------------------------------------------
 
     def _model_forward_hook(self, module, args, output):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or module is not self.model:  # a deep copy carries this hook along
             return
         self._passes += 1
         if not isinstance(output, torch.Tensor):
