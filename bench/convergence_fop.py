@@ -57,12 +57,15 @@ if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
 from convergence_kfac import (  # noqa: E402
+    acc_text,
     configs,
     count_warnings,
     device_info,
     evaluate,
     hp_text,
     load_data,
+    pct,
+    record_point,
     result_header,
     select_best,
     sync,
@@ -200,21 +203,10 @@ def train(opt_name, hp, seed, epochs, train_set, eval_set, device, evals_per_epo
             losses.append(loss.detach())
             if i + 1 not in marks:
                 continue
-            mean_loss = torch.stack(losses).mean().item()
             sync(device)
             elapsed += time.perf_counter() - t0
-            run["steps"] += len(losses)
-            losses = []
-            if not math.isfinite(mean_loss):
-                run["diverged"] = True
-                run["train_seconds"] = elapsed
+            if not record_point(run, losses, elapsed, n_batches, model, eval_set):
                 return run
-            eval_loss, eval_acc = evaluate(model, *eval_set)
-            run["epoch"].append(run["steps"] / n_batches)
-            run["train_loss"].append(mean_loss)
-            run["eval_loss"].append(eval_loss)
-            run["eval_acc"].append(eval_acc)
-            run["seconds"].append(elapsed)
             if is_hd:
                 run["lr"].append(opt.param_groups[0]["lr"])
             sync(device)
@@ -278,18 +270,8 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
-
-
 def _g(v) -> str:
     return "-" if v is None else f"{v:.4g}"
-
-
-def _acc_text(s: dict) -> str:
-    if s["final_test_acc_mean"] is None:
-        return "-"
-    return f"{_pct(s['final_test_acc_mean'])} ± {_pct(s['final_test_acc_std'])}"
 
 
 def format_table(entries: list[dict]) -> str:
@@ -311,8 +293,8 @@ def format_table(entries: list[dict]) -> str:
             [
                 e["optimizer"],
                 hp_text(e["hparams"]),
-                _acc_text(s),
-                f"{_pct(s['final_test_acc_min'])} - {_pct(s['final_test_acc_max'])}",
+                acc_text(s),
+                f"{pct(s['final_test_acc_min'])} - {pct(s['final_test_acc_max'])}",
                 _g(s["final_train_loss_mean"]),
                 f"{_g(s['final_train_loss_min'])} - {_g(s['final_train_loss_max'])}",
                 seeds,
@@ -429,7 +411,7 @@ def main(argv=None) -> int:
             entry = {"model": MODEL, "optimizer": opt_name, "hparams": hp, "tuning": trials, "runs": runs}
             entry["summary"] = s = summarise(runs)
             log(
-                f"{opt_name:8s} {hp_text(hp)}: test acc {_acc_text(s)} %, final train loss "
+                f"{opt_name:8s} {hp_text(hp)}: test acc {acc_text(s)} %, final train loss "
                 f"{_g(s['final_train_loss_mean'])}, "
                 + ("-" if s["ms_per_step"] is None else f"{s['ms_per_step']:.2f}")
                 + " ms/step"

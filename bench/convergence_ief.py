@@ -54,6 +54,7 @@ if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
 from convergence_kfac import (  # noqa: E402
+    acc_text,
     configs,
     count_warnings,
     device_info,
@@ -61,6 +62,8 @@ from convergence_kfac import (  # noqa: E402
     hp_text,
     load_data,
     make_model,
+    pct,
+    record_point,
     result_header,
     select_best,
     sync,
@@ -200,21 +203,10 @@ def train(opt_name, hp, seed, epochs, train_set, eval_set, device, evals_per_epo
                 t0 = time.perf_counter()
             if i + 1 not in marks:
                 continue
-            mean_loss = torch.stack(losses).mean().item()
             sync(device)
             elapsed += time.perf_counter() - t0
-            run["steps"] += len(losses)
-            losses = []
-            if not math.isfinite(mean_loss):
-                run["diverged"] = True
-                run["train_seconds"] = elapsed
+            if not record_point(run, losses, elapsed, n_batches, model, eval_set):
                 return run
-            eval_loss, eval_acc = evaluate(model, *eval_set)
-            run["epoch"].append(run["steps"] / n_batches)
-            run["train_loss"].append(mean_loss)
-            run["eval_loss"].append(eval_loss)
-            run["eval_acc"].append(eval_acc)
-            run["seconds"].append(elapsed)
             sync(device)
             t0 = time.perf_counter()
     run["train_seconds"] = elapsed
@@ -268,18 +260,8 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
-
-
 def _g(v) -> str:
     return "-" if v is None else f"{v:.3g}"
-
-
-def _acc_text(s: dict) -> str:
-    if s["final_test_acc_mean"] is None:
-        return "-"
-    return f"{_pct(s['final_test_acc_mean'])} ± {_pct(s['final_test_acc_std'])}"
 
 
 def format_table(entries: list[dict]) -> str:
@@ -296,14 +278,14 @@ def format_table(entries: list[dict]) -> str:
     body = []
     for e in entries:
         s = e["summary"]
-        acc = _acc_text(s)
+        acc = acc_text(s)
         seeds = f"{s['seeds']}" + (f" ({s['seeds_diverged']} diverged)" if s["seeds_diverged"] else "")
         body.append(
             [
                 e["optimizer"],
                 hp_text(e["hparams"]),
                 acc,
-                f"{_pct(s['final_test_acc_min'])} - {_pct(s['final_test_acc_max'])}",
+                f"{pct(s['final_test_acc_min'])} - {pct(s['final_test_acc_max'])}",
                 seeds,
                 _g(s["indicator_median"]),
                 f"{_g(s['indicator_q25'])} - {_g(s['indicator_q75'])}",
@@ -375,7 +357,7 @@ def main(argv=None) -> int:
             entry["summary"] = s = summarise(runs)
             log(
                 f"{opt_name:5s} {hp_text(hp)}: test acc "
-                + _acc_text(s)
+                + acc_text(s)
                 + f" %, indicator median {_g(s['indicator_median'])}, "
                 + ("-" if s["ms_per_step"] is None else f"{s['ms_per_step']:.2f}")
                 + " ms/step"

@@ -173,6 +173,26 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
+def record_point(run: dict, losses: list, elapsed: float, n_batches: int, model, eval_set) -> bool:
+    """Closes one evaluation point of ``run`` (see :func:`train`): the mean of the training ``losses`` since the
+    previous point (emptied), the evaluation loss and accuracy, the fractional epoch and ``elapsed`` training
+    seconds. Returns False, with the run marked diverged, when the mean training loss is not finite."""
+    mean_loss = torch.stack(losses).mean().item()
+    run["steps"] += len(losses)
+    losses.clear()
+    if not math.isfinite(mean_loss):
+        run["diverged"] = True
+        run["train_seconds"] = elapsed
+        return False
+    eval_loss, eval_acc = evaluate(model, *eval_set)
+    run["epoch"].append(run["steps"] / n_batches)
+    run["train_loss"].append(mean_loss)
+    run["eval_loss"].append(eval_loss)
+    run["eval_acc"].append(eval_acc)
+    run["seconds"].append(elapsed)
+    return True
+
+
 def train(model_name, opt_name, hp, seed, epochs, train_set, eval_set, device, evals_per_epoch) -> dict:
     """One run, evaluated ``evals_per_epoch`` times per epoch (and once before training). Per evaluation point:
     ``epoch`` (fractional: steps / steps per epoch), mean training loss since the previous point, evaluation loss
@@ -218,21 +238,10 @@ def train(model_name, opt_name, hp, seed, epochs, train_set, eval_set, device, e
             losses.append(loss.detach())
             if i + 1 not in marks:
                 continue
-            mean_loss = torch.stack(losses).mean().item()
             sync(device)
             elapsed += time.perf_counter() - t0
-            run["steps"] += len(losses)
-            losses = []
-            if not math.isfinite(mean_loss):
-                run["diverged"] = True
-                run["train_seconds"] = elapsed
+            if not record_point(run, losses, elapsed, n_batches, model, eval_set):
                 return run
-            eval_loss, eval_acc = evaluate(model, *eval_set)
-            run["epoch"].append(run["steps"] / n_batches)
-            run["train_loss"].append(mean_loss)
-            run["eval_loss"].append(eval_loss)
-            run["eval_acc"].append(eval_acc)
-            run["seconds"].append(elapsed)
             sync(device)
             t0 = time.perf_counter()
     run["train_seconds"] = elapsed
@@ -300,6 +309,18 @@ def tune(model_name, opt_name, grid, epochs, data, device, evals_per_epoch, log)
         evals_per_epoch,
         log,
     )
+
+
+def pct(v) -> str:
+    """A fraction as a percentage with two decimals, "-" for None."""
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def acc_text(s: dict) -> str:
+    """``mean ± std`` of a summary's final test accuracy, in percent."""
+    if s["final_test_acc_mean"] is None:
+        return "-"
+    return f"{pct(s['final_test_acc_mean'])} ± {pct(s['final_test_acc_std'])}"
 
 
 def result_header(kind: str, script: str, started, runtime: float, argv, dev: dict, quick: bool, data: dict) -> dict:

@@ -26,7 +26,7 @@ Updates are given as a ``{name: tensor}`` dict over the trainable parameters (na
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
