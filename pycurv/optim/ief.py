@@ -288,9 +288,20 @@ class _DualStep:
         return m.bias is not None and m.bias.requires_grad
 
     def _solve(self, got, k: torch.Tensor, rhs: torch.Tensor, what: str, g_of=None):
-        if self.check_finite:
-            ok = torch.stack([torch.isfinite(k).all(), torch.isfinite(rhs).all()]).tolist()
-            if not ok[0]:
+        # ief_coefficients checks both inputs in the synchronisation its solve needs anyway; a failure is named
+        # here in the step's terms (the layers are looked at only then)
+        try:
+            return ops.ief_coefficients(
+                k,
+                rhs.to(k.dtype),
+                float(self.damping),
+                dedup_threshold=self.dedup_threshold if self._dedup else None,
+                return_info=True,
+            )
+        except ValueError as exc:
+            if not self.check_finite or "is not finite" not in str(exc):
+                raise
+            if str(exc).startswith("ief_coefficients: gram"):
                 bad = [
                     name
                     for name, _, a, g in got
@@ -299,17 +310,8 @@ class _DualStep:
                 raise FloatingPointError(
                     f"{self._name}.step: the per-sample gradients of layers {bad or '(overflow in the Gram)'} are "
                     "not finite; no gradient was changed"
-                )
-            if not ok[1]:
-                raise FloatingPointError(f"{self._name}.step: {what} is not finite; no gradient was changed")
-        alpha, info = ops.ief_coefficients(
-            k,
-            rhs.to(k.dtype),
-            float(self.damping),
-            dedup_threshold=self.dedup_threshold if self._dedup else None,
-            return_info=True,
-        )
-        return alpha, info
+                ) from exc
+            raise FloatingPointError(f"{self._name}.step: {what} is not finite; no gradient was changed") from exc
 
     _dedup = True
 
