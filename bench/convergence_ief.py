@@ -120,7 +120,7 @@ def make_optimizer(name: str, model: nn.Module, hp: dict, seed: int):
 
 def _failed_step(exc: Exception, loss: torch.Tensor) -> bool:
     """Whether ``exc`` from a preconditioner step means that the run diverged (non-finite statistics, a Gram that
-    stays singular after the automatic damping, anything on a non-finite loss), not a defect."""
+    is not positive semi-definite, anything on a non-finite loss), not a defect."""
     if isinstance(exc, FloatingPointError) or not math.isfinite(loss.item()):
         return True
     return isinstance(exc, ValueError) and str(exc).startswith("ief_coefficients")

@@ -692,15 +692,16 @@ def ief_coefficients(
     damping=1e-12,
     *,
     dedup_threshold: float | None = 0.99,
-    max_raises: int = 12,
+    singular: str = "pinv",
+    rtol: float | None = None,
     return_info: bool = False,
     backend: str = "auto",
 ):
     """Dual coefficients ``alpha = (K + damping I)^{-1} s`` of the iEF step ``J^T alpha`` (MATH.md section 3),
     shape ``(N,)`` (``(B, N)`` for batched ``gram: (B, N, N)``, ``logit_grad_sqnorms: (B, N)``), in ``gram``'s dtype.
 
-    Pass ``torch.ones(N)`` as ``logit_grad_sqnorms`` for the EF step. The system is solved in float64 by Cholesky
-    on ``gram``'s device, after two clean-ups that the iEF authors also make:
+    Pass ``torch.ones(N)`` as ``logit_grad_sqnorms`` for the EF step. The system is solved in float64 on ``gram``'s
+    device, after two clean-ups that the iEF authors also make:
 
     * samples whose gradient is numerically zero (``K_jj <= N eps max_i K_ii``, ``eps`` of ``gram``'s dtype) get
       ``alpha_j = 0``;
@@ -708,14 +709,32 @@ def ief_coefficients(
       off), are dropped greedily in index order: the later one of such a pair gets ``alpha_j = 0`` and the system is
       solved over the samples kept.
 
-    ``damping``: a number or one value per problem, >= 0 (the paper uses 1e-12 to 1e-7, essentially none). If
-    ``K + damping I`` restricted to the kept samples is still not positive definite, the damping is raised, to at
-    least ``N eps max K_ii`` (``eps`` of ``gram``'s dtype: below that a float32 Gram carries no information)
-    and then tenfold a time, at most ``max_raises`` times, with a
-    :class:`DampingRaisedWarning`; after that (or at once with ``max_raises=0``) ``ValueError``. Non-finite inputs
-    raise ``ValueError``. With ``return_info=True`` returns ``(alpha, info)``, ``info = {"kept": (B, N) bool |
-    (N,), "damping": (B,) float64 | 0-d}``. Host synchronisations: one for the checks, one more when duplicates
-    exist."""
+    ``damping``: a number or one value per problem, >= 0 (the paper uses 1e-12 to 1e-7, essentially none).
+
+    Singular Grams. ``K`` carries the rounding of the dtype it was formed in, and ``(K + damping I)^{-1}`` with a
+    tiny damping divides that rounding by the damping wherever ``K`` is singular (in float32 this can turn ``J^T
+    alpha`` into noise). The noise floor is judged on the Jacobi-scaled Gram ``C = R K R``, ``R = diag(K_jj)^(-1/2)``
+    (the cosines between per-sample gradients, rounded to about ``eps`` whatever the gradients' norms): its
+    eigenvalues up to ``rtol``, by default ``10 N eps`` (``eps`` of ``gram``'s dtype; bfloat16 / float16 Grams count
+    as float32), are noise. The solve is a Cholesky factorisation of the scaled system; a problem whose
+    factorisation fails or has a pivot below ``100 rtol`` goes through an eigendecomposition of ``C`` instead, and
+    if ``C`` has eigenvalues at or below ``rtol`` (``K`` numerically singular), ``singular`` decides:
+
+    * ``"pinv"`` (default): the null space ``Z`` those directions span in ``K``'s coordinates is deflated. As
+      ``J^T Z = 0`` in exact arithmetic, ``J^T (K + damping I)^{-1} s`` equals ``J^T`` applied to the solution of
+      ``(K + damping I + max_j K_jj Z Z^T) alpha = (I - Z Z^T) s``, which is what is returned: the same step
+      without dividing the noise along ``Z`` by the damping. For ``damping -> 0`` the step is the minimum-norm
+      least-squares solution ``pinv(J) s`` of ``J d = s``. The damping is never changed; ``info["rank"]`` is the
+      number of samples kept minus the dimension of ``Z``.
+    * ``"error"``: ``ValueError`` naming the problems that are numerically singular.
+
+    An eigenvalue of ``C`` below ``-100 rtol`` (an indefinite ``gram``, which no Gram matrix is) raises
+    ``ValueError``.
+
+    Non-finite inputs raise ``ValueError``. With ``return_info=True`` returns ``(alpha, info)``, ``info =
+    {"kept": (B, N) bool | (N,), "damping": (B,) float64 | 0-d, "rank": (B,) int64 | 0-d}``. Host synchronisations:
+    one for the checks (and whether duplicates exist), one for the factorisation, one more for the
+    eigendecomposition when a problem needs it."""
     op = "ief_coefficients"
     _check_tensor(gram, "gram", op)
     _check_tensor(logit_grad_sqnorms, "logit_grad_sqnorms", op)
@@ -731,14 +750,26 @@ def ief_coefficients(
         or not 0 < dedup_threshold <= 1
     ):
         raise ValueError(f"{op}: dedup_threshold must be in (0, 1] or None, got {dedup_threshold!r}")
-    if isinstance(max_raises, bool) or not isinstance(max_raises, int) or max_raises < 0:
-        raise ValueError(f"{op}: max_raises must be an int >= 0, got {max_raises!r}")
+    if singular not in ("pinv", "error"):
+        raise ValueError(f"{op}: singular must be 'pinv' or 'error', got {singular!r}")
+    eps = torch.finfo(gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32).eps
+    if rtol is None:
+        rtol = 10 * n * eps
+    elif isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
+        raise ValueError(f"{op}: rtol must be a number in [0, 1) or None, got {rtol!r}")
     damp = _damping_vector(damping, b, gram.device, op)
     _resolve_backend(backend, gram.device, op)  # validates the name; the solve itself is torch.linalg in float64
     k = (gram if batched else gram.unsqueeze(0)).double()
     rhs = (logit_grad_sqnorms if batched else logit_grad_sqnorms.unsqueeze(0)).double()
+    k = 0.5 * (k + k.mT)
+    diag = k.diagonal(dim1=1, dim2=2)
+    tiny = torch.finfo(torch.float64).tiny
+    keep = diag > n * eps * diag.amax(1, keepdim=True).clamp_min(tiny)
+    dup = _duplicates(k, diag, keep, float(dedup_threshold)) if dedup_threshold is not None and n > 1 else None
+    # one synchronisation for the checks and whether duplicates exist
     fin_k, fin_s, neg = torch.isfinite(k).flatten(1).all(1), torch.isfinite(rhs).all(1), (damp < 0) | ~torch.isfinite(damp)
-    checks = torch.stack([~fin_k.all(), ~fin_s.all(), neg.any()]).tolist()
+    flags = [~fin_k.all(), ~fin_s.all(), neg.any()] + ([] if dup is None else [dup.any()])
+    checks = torch.stack(flags).tolist()
     if checks[0]:
         raise ValueError(f"{op}: gram is not finite (problems {(~fin_k).nonzero().flatten().tolist()} hold inf or NaN)")
     if checks[1]:
@@ -747,55 +778,90 @@ def ief_coefficients(
         )
     if checks[2]:
         raise ValueError(f"{op}: damping must be finite and >= 0, got {damp.tolist()}")
-    k = 0.5 * (k + k.mT)
-    diag = k.diagonal(dim1=1, dim2=2)
-    eps = torch.finfo(gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32).eps
-    keep = diag > n * eps * diag.amax(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    if dedup_threshold is not None and n > 1:
-        keep = _dedup(k, diag, keep, float(dedup_threshold))
+    if dup is not None and checks[3]:
+        keep = _dedup(dup, keep)
+    # Jacobi scaling over the kept samples: C = R K R, R = diag(K_jj)^(-1/2), holds the cosines between per-sample
+    # gradients, whose rounding is about eps whatever the gradients' norms, so one noise floor (rtol) serves every
+    # direction. (K + damping I) alpha = s  <=>  (C + damping R^2) beta = R s, alpha = R beta. Dropped samples:
+    # zero row and column, 1 on the diagonal, 0 on the right, so alpha_j = 0 exactly.
     kf = keep.double()
-    eye = torch.eye(n, dtype=torch.float64, device=k.device)
-    # dropped samples: zero row and column, 1 on the diagonal and 0 on the right: their coefficient is exactly 0
-    k_kept = k * (kf.unsqueeze(2) * kf.unsqueeze(1)) + torch.diag_embed(1.0 - kf)
-    rhs = rhs * kf
-    floor = n * eps * (diag * kf).amax(1).clamp_min(torch.finfo(torch.float64).tiny)
-    cur = damp.clone()
-    for attempt in range(max_raises + 1):
-        chol, info = torch.linalg.cholesky_ex(k_kept + eye * cur.reshape(-1, 1, 1) * kf.unsqueeze(2))
-        bad = info != 0
-        if not bool(bad.any()):
-            break
-        if attempt == max_raises:
-            raise ValueError(
-                f"{op}: gram + damping I is not positive definite for problems {bad.nonzero().flatten().tolist()} "
-                f"(damping {cur[bad].tolist()}, after {max_raises} raises); increase damping"
-            )
-        cur = torch.where(bad, torch.maximum(cur * 10, floor), cur)
-    if attempt > 0:
-        raised = (cur != damp).nonzero().flatten().tolist()
-        warnings.warn(
-            f"{op}: gram + damping I was not positive definite for problems {raised}; damping raised from "
-            f"{damp[raised].tolist()} to {cur[raised].tolist()}",
-            DampingRaisedWarning,
-            stacklevel=2,
+    r = torch.where(keep, diag.clamp_min(tiny).rsqrt(), 0.0)
+    unit = torch.diag_embed(1.0 - kf)
+    c0 = k * (r.unsqueeze(2) * r.unsqueeze(1)) + unit
+    rs = rhs * r
+    chol, info = torch.linalg.cholesky_ex(c0 + torch.diag_embed(damp.unsqueeze(1) * r.square()))
+    # a failed factorisation or a pivot near the noise floor sends the problem to the eigendecomposition (the
+    # dropped samples' unit pivots do not count)
+    pivot = chol.diagonal(dim1=1, dim2=2).square().masked_fill(~keep, math.inf).amin(1)
+    route = (info != 0) | (pivot <= 100 * rtol)
+    rank = keep.sum(1)
+    alpha = torch.cholesky_solve(rs.unsqueeze(2), chol).squeeze(2) * r
+    idx = route.nonzero().flatten()
+    if idx.numel():
+        alpha_r, rank_r = _ief_deflated(
+            op, idx, k[idx], rhs[idx], damp[idx], r[idx], c0[idx], unit[idx], rtol, singular
         )
-    alpha = torch.cholesky_solve(rhs.unsqueeze(2), chol).squeeze(2)
+        alpha = alpha.index_copy(0, idx, alpha_r)
+        rank = rank.index_copy(0, idx, rank_r)
     alpha = alpha.to(gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32)
+    cur = damp
     if not batched:
-        alpha, keep, cur = alpha[0], keep[0], cur[0]
+        alpha, keep, cur, rank = alpha[0], keep[0], cur[0], rank[0]
     if return_info:
-        return alpha, {"kept": keep, "damping": cur}
+        return alpha, {"kept": keep, "damping": cur, "rank": rank}
     return alpha
 
 
-def _dedup(k: torch.Tensor, diag: torch.Tensor, keep: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Greedy near-duplicate removal in index order: sample j is dropped when an earlier kept sample i has
-    ``|cos(G_i, G_j)| > threshold``."""
+def _ief_deflated(op, idx, k, rhs, damp, r, c0, unit, rtol, singular):
+    """``ief_coefficients`` for problems near or at singularity: the eigenvectors of the scaled Gram ``c0`` with
+    eigenvalues at most ``rtol`` span its numerical null space; ``R`` maps them to ``K``'s, ``Z`` (orthonormal). As
+    ``J^T Z = 0``, ``J^T (K + damping I)^{-1} s = J^T (K + damping I + m Z Z^T)^{-1} (I - Z Z^T) s`` for any ``m > 0``
+    in exact arithmetic; with ``m = max K_jj`` the noise of ``K`` along ``Z`` is no longer divided by ``damping``,
+    and the deflated system is solved (Jacobi-scaled, LU in float64) without dividing by anything at the noise
+    floor. ``idx``: the problems' indices in the caller's batch (for the messages). Returns ``(alpha, rank)``."""
+    nu, v = torch.linalg.eigh(c0)
+    null = nu <= rtol  # eigh sorts ascending: the null directions come first
+    kept = (unit.diagonal(dim1=1, dim2=2) == 0).sum(1)
+    rank = kept - null.sum(1)
+    indefinite = nu[:, 0] < -100 * rtol
+    any_indefinite, any_low = torch.stack([indefinite.any(), (rank < kept).any()]).tolist()
+    if any_indefinite:
+        raise ValueError(
+            f"{op}: gram is not positive semi-definite for problems {idx[indefinite].tolist()} (eigenvalues "
+            f"{nu[indefinite, 0].tolist()} of the Jacobi-scaled gram, noise floor {rtol:.3g}): not a Gram matrix"
+        )
+    if singular == "error" and any_low:
+        low = rank < kept
+        raise ValueError(
+            f"{op}: gram + damping I is numerically singular for problems {idx[low].tolist()} (rank "
+            f"{rank[low].tolist()} of {kept[low].tolist()} samples kept at rtol {rtol:.3g}); increase damping or pass "
+            "singular='pinv'"
+        )
+    # Z: an orthonormal basis of R V_null (Householder QR copes with any column scaling; the padding columns are 0)
+    q, _ = torch.linalg.qr(r.unsqueeze(2) * v * null.unsqueeze(1))
+    z = q * null.unsqueeze(1)
+    proj = z @ z.mT
+    scale = k.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(torch.float64).tiny)
+    keep_diag = 1.0 - unit.diagonal(dim1=1, dim2=2)
+    m = k * (keep_diag.unsqueeze(2) * keep_diag.unsqueeze(1)) + torch.diag_embed(damp.unsqueeze(1) * keep_diag)
+    m = m + scale.reshape(-1, 1, 1) * proj + unit
+    b = rhs.unsqueeze(2) - proj @ rhs.unsqueeze(2)
+    # Jacobi-scaled solve: rows / columns of the kept samples by diag(M)^(-1/2), the dropped ones by 1
+    d = torch.where(keep_diag > 0, m.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 1.0)
+    y = torch.linalg.solve(m * (d.unsqueeze(2) * d.unsqueeze(1)), d.unsqueeze(2) * b)
+    return (d.unsqueeze(2) * y).squeeze(2) * keep_diag, rank
+
+
+def _duplicates(k: torch.Tensor, diag: torch.Tensor, keep: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``dup[b, j, i]``: samples ``j > i`` both kept with ``|cos(G_i, G_j)| > threshold``."""
     norm = diag.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
     cos = k.abs() / (norm.unsqueeze(2) * norm.unsqueeze(1))
-    dup = (cos > threshold).tril(-1) & keep.unsqueeze(1) & keep.unsqueeze(2)  # dup[b, j, i]: j > i, both kept
-    if not bool(dup.any()):
-        return keep
+    return (cos > threshold).tril(-1) & keep.unsqueeze(1) & keep.unsqueeze(2)
+
+
+def _dedup(dup: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Greedy near-duplicate removal in index order: sample j is dropped when an earlier kept sample i is its
+    near-duplicate (``dup[b, j, i]``, from :func:`_duplicates`)."""
     dup_c, keep_c = dup.cpu(), keep.cpu().clone()
     for bi in dup_c.any(2).any(1).nonzero().flatten().tolist():
         rows = dup_c[bi]

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 import pycurv
 from pycurv import ops
 from pycurv.capture import Capture
-from pycurv.ops import DampingRaisedWarning
 from pycurv.reference import acc_dtype
 
 from conftest import DEVICE, INTERPRET, REL_TOL, assert_rel_close, op_backends, rel_err
@@ -711,15 +710,13 @@ def test_ief_coefficients_solve(backend, dtype, rel_damping):
     j, s = real_jacobian(8, 0)
     k = (j @ j.T).to(dtype)
     damping = rel_damping * k.double().diagonal().mean().item()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DampingRaisedWarning)
-        alpha, info = ops.ief_coefficients(
-            k.to(DEVICE), s.to(device=DEVICE, dtype=dtype), damping, return_info=True, backend=backend
-        )
+    alpha, info = ops.ief_coefficients(
+        k.to(DEVICE), s.to(device=DEVICE, dtype=dtype), damping, return_info=True, backend=backend
+    )
     what = f"ief_coefficients[{backend}] {DT_ID[dtype]} damping {damping:.3g}"
     assert alpha.shape == (8,) and alpha.dtype == dtype and alpha.device == DEVICE, what
     assert info["kept"].dtype == torch.bool and bool(info["kept"].all()), f"{what}: kept {info['kept']}"
-    assert float(info["damping"]) == damping
+    assert float(info["damping"]) == damping and int(info["rank"]) == 8, f"{what}: info {info}"
     want = solve_truth(k, s.to(dtype), damping)
     err = rel_err(alpha, want)
     assert err <= solve_tol(k, damping, dtype), f"{what}: relative error {err:.3g} against torch.linalg.solve"
@@ -861,18 +858,17 @@ def test_ief_coefficients_zero_gradient_samples(backend, rel_damping):
     j[6] *= 1e-10  # K_66 ~ 1e-20 K_ii: below N eps max K_ii, numerically zero
     k = j @ j.T
     damping = rel_damping * k.diagonal().mean().item()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DampingRaisedWarning)
-        alpha, info = ops.ief_coefficients(k.to(DEVICE), s.to(DEVICE), damping, return_info=True, backend=backend)
+    alpha, info = ops.ief_coefficients(k.to(DEVICE), s.to(DEVICE), damping, return_info=True, backend=backend)
     alpha, kept = alpha.cpu(), info["kept"].cpu()
     assert kept.tolist() == [i not in (3, 6) for i in range(8)], f"kept {kept.tolist()}"
+    assert int(info["rank"]) == 6, f"rank {info['rank']}"
     assert alpha[3] == 0 and alpha[6] == 0, alpha
     idx = torch.tensor([0, 1, 2, 4, 5, 7])
     want = solve_truth(k[idx][:, idx], s[idx], damping)
     assert_rel_close(alpha[idx], want, torch.float64, "zero-gradient samples dropped")
     # no gradient at all: every coefficient is 0, no error, no warning
     with warnings.catch_warnings():
-        warnings.simplefilter("error", DampingRaisedWarning)
+        warnings.simplefilter("error")
         alpha0, info0 = ops.ief_coefficients(
             torch.zeros(5, 5, dtype=torch.float64, device=DEVICE),
             torch.ones(5, dtype=torch.float64, device=DEVICE),
@@ -880,7 +876,7 @@ def test_ief_coefficients_zero_gradient_samples(backend, rel_damping):
             return_info=True,
             backend=backend,
         )
-    assert torch.count_nonzero(alpha0) == 0 and not bool(info0["kept"].any())
+    assert torch.count_nonzero(alpha0) == 0 and not bool(info0["kept"].any()) and int(info0["rank"]) == 0
 
 
 def _rank_deficient(n: int = 8, rank: int = 4, seed: int = 8):
@@ -890,51 +886,121 @@ def _rank_deficient(n: int = 8, rank: int = 4, seed: int = 8):
     return c @ j, torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + 0.1
 
 
+def _min_norm_err(j: torch.Tensor, alpha: torch.Tensor, s: torch.Tensor) -> float:
+    """Relative distance of the step ``J^T alpha`` from the minimum-norm solution ``pinv(J) s`` of ``J d = s``."""
+    return rel_err(j.T.double() @ alpha.cpu().double(), torch.linalg.pinv(j.double()) @ s.double())
+
+
 @pytest.mark.parametrize("backend", ief_backends())
 def test_ief_coefficients_singular_gram(backend):
-    """Rank-deficient K without damping: the damping is raised (warned, reported, small) and ``J^T alpha`` is the
-    minimum-norm solution ``pinv(J) s`` of ``J d = s``.
-
-    For ``s`` in the range of K the match is to rounding. For a generic ``s`` its component in K's null space is
-    amplified by 1 / damping in ``alpha`` and cancels in ``J^T alpha`` only in exact arithmetic; with damping near
-    ``N eps max K_ii`` a few percent of error remain, so that case gets a loose tolerance."""
+    """Rank-deficient K without damping: the eigen-directions at the noise floor are left out, the damping is not
+    touched, ``info["rank"]`` is the rank, and ``J^T alpha`` is the minimum-norm solution ``pinv(J) s`` to rounding,
+    for ``s`` in the range of K and for a generic ``s`` (whose null-space part a damped solve would multiply by
+    ``1 / damping``). ``singular="error"`` names the problem instead."""
     j, s_generic = _rank_deficient()
     k = j @ j.T
-    kmax = k.diagonal().max().item()
     s_range = k @ torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    for s, tol in ((s_range, 1e-8), (s_generic, 0.3)):
-        with pytest.warns(DampingRaisedWarning, match=r"ief_coefficients"):
+    for s in (s_range, s_generic):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             alpha, info = ops.ief_coefficients(
                 k.to(DEVICE), s.to(DEVICE), 0.0, dedup_threshold=None, return_info=True, backend=backend
             )
-        alpha = alpha.cpu()
-        used = float(info["damping"])
         assert torch.isfinite(alpha).all()
-        assert 0 < used <= 1e-10 * kmax, f"damping raised to {used:.3g} (max K_ii {kmax:.3g})"
-        step = j.T @ alpha
-        want = torch.linalg.pinv(j) @ s
-        err = rel_err(step, want)
-        assert err <= tol, f"J^T alpha vs pinv(J) s: relative error {err:.3g} > {tol:g}"
-    with pytest.raises(ValueError, match=r"ief_coefficients: .*not positive definite"):
-        ops.ief_coefficients(k.to(DEVICE), s_generic.to(DEVICE), 0.0, dedup_threshold=None, max_raises=0)
+        assert float(info["damping"]) == 0.0 and int(info["rank"]) == 4, f"info {info}"
+        err = _min_norm_err(j, alpha, s)
+        assert err <= 1e-10, f"J^T alpha vs pinv(J) s: relative error {err:.3g}"
+    with pytest.raises(ValueError, match=r"ief_coefficients: .*numerically singular for problems \[0\] \(rank \[4\]"):
+        ops.ief_coefficients(k.to(DEVICE), s_generic.to(DEVICE), 0.0, dedup_threshold=None, singular="error")
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("backend", ief_backends())
+def test_ief_coefficients_singular_float32_gram(backend, seed):
+    """A rank-deficient J in float32 with many parameters: the float32 Gram's null space is noise of either sign.
+    Left out, the step is ``pinv(J) s`` to float32 accuracy; a Cholesky solve damped up to the noise floor
+    (``N eps max K_ii``) is off by 10 to 50 percent on these problems."""
+    gen = torch.Generator().manual_seed(seed)
+    j = torch.randn(8, 4, dtype=torch.float64, generator=gen) @ torch.randn(4, 20000, dtype=torch.float64, generator=gen)
+    j32 = j.float()
+    k = j32 @ j32.T
+    s = torch.rand(8, dtype=torch.float64, generator=gen) + 0.1
+    damping = 1e-12 * k.diagonal().mean().item()
+    alpha, info = ops.ief_coefficients(
+        k.to(DEVICE), s.float().to(DEVICE), damping, dedup_threshold=None, return_info=True, backend=backend
+    )
+    assert int(info["rank"]) == 4, f"info {info}"
+    err = _min_norm_err(j, alpha, s.float())
+    assert err <= 1e-4, f"J^T alpha vs pinv(J) s: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", ief_backends())
+def test_ief_coefficients_positive_noise_floor(backend):
+    """Noise that leaves K positive definite (Cholesky succeeds at the given damping) but at the noise floor: the
+    tiny pivots send the problem to the eigendecomposition, the noise directions are left out, and the step is
+    ``pinv(J) s`` to the noise's accuracy. A plain solve of this K gives coefficients of 1e13 whose null-space parts
+    cancel in ``J^T alpha`` only to about ten percent."""
+    j, s = _rank_deficient()
+    k = j @ j.T
+    gen = torch.Generator().manual_seed(5)
+    e = torch.randn(8, 8, dtype=torch.float64, generator=gen)
+    rtol = 10 * 8 * torch.finfo(torch.float64).eps  # the default noise floor of the Jacobi-scaled Gram
+    # noise D^(1/2) E D^(1/2) with E positive definite, eigenvalues in [0.25, 0.5] rtol: above the rounding of K
+    # itself, below the floor
+    e = 0.25 * rtol * (torch.eye(8, dtype=torch.float64) + (e @ e.T) / torch.linalg.matrix_norm(e @ e.T, 2))
+    d = k.diagonal().sqrt()
+    k_noisy = k + d.unsqueeze(1) * e * d.unsqueeze(0)
+    k_noisy = 0.5 * (k_noisy + k_noisy.T)
+    assert torch.linalg.cholesky_ex(k_noisy)[1] == 0, "the premise: Cholesky succeeds"
+    plain = torch.linalg.solve(k_noisy, s)
+    assert _min_norm_err(j, plain, s) > 1e-2, "the premise: the plain solve amplifies the noise"
+    alpha, info = ops.ief_coefficients(
+        k_noisy.to(DEVICE), s.to(DEVICE), 0.0, dedup_threshold=None, return_info=True, backend=backend
+    )
+    assert int(info["rank"]) == 4, f"info {info}"
+    err = _min_norm_err(j, alpha, s)
+    assert err <= 1e-8, f"J^T alpha vs pinv(J) s: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", ief_backends())
+def test_ief_coefficients_near_singular_full_rank(backend):
+    """Full rank but ill-conditioned beyond Cholesky's comfort (smallest eigenvalue 1e-9 max K_ii, above the
+    float64 noise floor): whichever solver runs, every direction is kept and alpha is the exact solve."""
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=gen))
+    mu = torch.tensor([1e-9, 1e-6, 1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    k = (q * mu) @ q.T
+    s = torch.rand(6, dtype=torch.float64, generator=gen) + 0.1
+    alpha, info = ops.ief_coefficients(k.to(DEVICE), s.to(DEVICE), 0.0, return_info=True, backend=backend)
+    assert int(info["rank"]) == 6 and bool(info["kept"].all()), f"info {info}"
+    want = (q / mu) @ (q.T @ s)
+    assert rel_err(alpha, want) <= 1e-5, f"relative error {rel_err(alpha, want):.3g}"
 
 
 @pytest.mark.parametrize("backend", ief_backends())
 def test_ief_coefficients_singular_in_batch(backend):
-    """Only the singular problem's damping is raised; the other problem is solved with its own damping."""
+    """Only the singular problem goes through the eigendecomposition; the other problem is the plain solve."""
     j0, s0 = real_jacobian(8, 9)
     j1, _ = _rank_deficient()
     k = torch.stack([j0 @ j0.T, j1 @ j1.T])
-    s = torch.stack([s0, j1 @ j1.T @ torch.ones(8, dtype=torch.float64)])
-    with pytest.warns(DampingRaisedWarning, match=r"\[1\]"):
-        alpha, info = ops.ief_coefficients(
-            k.to(DEVICE), s.to(DEVICE), 0.0, dedup_threshold=None, return_info=True, backend=backend
-        )
-    used = info["damping"].cpu()
-    assert used[0] == 0 and used[1] > 0, f"damping used {used}"
+    s = torch.stack([s0, torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.1])
+    alpha, info = ops.ief_coefficients(
+        k.to(DEVICE), s.to(DEVICE), 0.0, dedup_threshold=None, return_info=True, backend=backend
+    )
+    assert info["rank"].cpu().tolist() == [8, 4] and info["damping"].cpu().tolist() == [0.0, 0.0], f"info {info}"
     alpha = alpha.cpu()
     assert_rel_close(alpha[0], solve_truth(k[0], s0, 0.0), torch.float64, "the regular problem")
-    assert rel_err(j1.T @ alpha[1], torch.linalg.pinv(j1) @ s[1]) <= 1e-8
+    assert _min_norm_err(j1, alpha[1], s[1]) <= 1e-10
+    with pytest.raises(ValueError, match=r"numerically singular for problems \[1\]"):
+        ops.ief_coefficients(k.to(DEVICE), s.to(DEVICE), 0.0, dedup_threshold=None, singular="error")
+
+
+def test_ief_coefficients_indefinite_gram():
+    """A symmetric matrix with an eigenvalue far below zero is no Gram matrix: a clear error, not a truncation."""
+    k = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.9], [0.0, 0.9, 1.0]], dtype=torch.float64).to(DEVICE)
+    assert torch.linalg.eigvalsh(k)[0] < -0.2, "the premise: eigenvalues 1 and 1 +- 0.9 sqrt(2)"
+    with pytest.raises(ValueError, match=r"ief_coefficients: gram is not positive semi-definite for problems \[0\]"):
+        ops.ief_coefficients(k, torch.ones(3, dtype=torch.float64, device=DEVICE), 0.0)
 
 
 def _ief_bad_cases():
@@ -1006,7 +1072,9 @@ def _ief_bad_cases():
         "dedup_zero": (lambda: (ks(), ones(4), {"dedup_threshold": 0.0}), ValueError, r"\bdedup_threshold must be"),
         "dedup_above_1": (lambda: (ks(), ones(4), {"dedup_threshold": 1.5}), ValueError, r"\bdedup_threshold must"),
         "dedup_bool": (lambda: (ks(), ones(4), {"dedup_threshold": True}), ValueError, r"\bdedup_threshold must"),
-        "max_raises_negative": (lambda: (ks(), ones(4), {"max_raises": -1}), ValueError, r"\bmax_raises must be"),
+        "singular_unknown": (lambda: (ks(), ones(4), {"singular": "damp"}), ValueError, r"\bsingular must be"),
+        "rtol_negative": (lambda: (ks(), ones(4), {"rtol": -1e-3}), ValueError, r"\brtol must be"),
+        "rtol_one": (lambda: (ks(), ones(4), {"rtol": 1.0}), ValueError, r"\brtol must be"),
         "unknown_backend": (lambda: (ks(), ones(4), {"backend": "numpy"}), ValueError, r"\bbackend must be one of"),
     }
 

@@ -33,8 +33,8 @@ targets that are not ``ignore_index``: ``F.cross_entropy``'s mean), so ``J = c [
 
 ``J J^T`` comes from :func:`pycurv.ops.per_sample_gram` summed over layers, ``s`` from
 :func:`pycurv.ops.logit_grad_sqnorms`, the coefficients from :func:`pycurv.ops.ief_coefficients` (float64
-Cholesky, near-duplicate samples dropped, automatic damping for a singular ``J J^T``) and every layer's step from
-:func:`pycurv.ops.weighted_grad_sum`: no per-sample gradient is ever formed.
+Cholesky, near-duplicate samples dropped, the noise-floor directions of a singular ``J J^T`` left out) and every
+layer's step from :func:`pycurv.ops.weighted_grad_sum`: no per-sample gradient is ever formed.
 
 Layers and the other parameters
 -------------------------------
@@ -60,8 +60,10 @@ Numerics
 --------
 ``J J^T`` and ``s`` are checked for NaN/inf (one host synchronisation, which the float64 solve needs anyway); a
 non-finite value raises ``FloatingPointError`` naming the layers (or the logits) before any ``p.grad`` is
-written. A singular ``J J^T + lambda I`` gets more damping with a :class:`pycurv.ops.DampingRaisedWarning`.
-``last_info`` holds what the last step did: the samples kept and the damping used.
+written. A singular (or numerically singular) ``J J^T + lambda I`` is solved by eigendecomposition with the
+directions at the Gram's noise floor left out, which for ``lambda -> 0`` is the minimum-norm step (see
+:func:`pycurv.ops.ief_coefficients`); the damping is never changed behind the user's back. ``last_info`` holds what
+the last step did: the samples kept, the damping and the rank of the system solved.
 
 State
 -----
