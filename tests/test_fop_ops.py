@@ -391,6 +391,43 @@ def test_fop_precondition_shapes(backend, k, r, batched):
     check_precondition(m, grad, backend, REL_TOL[torch.float32], what)
 
 
+# The C++ kernels' small-k loops (k <= 12, AVX2; 13 is past them): a full block of 8 columns and a partial one,
+# groups of rows with a tail, row chunks of 4096 / k rows (update), whole-block stores that spill into the next row
+# (precondition), and k = 1 as a dot product / a scaling when the rows are contiguous (bfloat16, widened).
+SMALL_K = (1, 2, 3, 5, 7, 8, 9, 11, 12, 13)
+SMALL_R = (1, 2, 3, 4, 5, 6, 9, 2500)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("f32", "bf16"))
+@pytest.mark.parametrize("k", SMALL_K)
+def test_fop_small_k_loops(k, dtype):
+    """Every r in SMALL_R at once, batched and single, both ops, against the float64 truth. Gradients are slices
+    of wider buffers (the row stride is not k) for float32, contiguous for bfloat16 (widened chunk by chunk)."""
+    _need("fop_update", _NATIVE)
+    for r in SMALL_R:
+        for lead in ((), (BATCH,)):
+            def grad(seed):
+                if dtype == torch.float32:
+                    return _randn(*lead, r, k + 3, seed=seed)[..., 1 : k + 1]
+                return _randn(*lead, r, k, seed=seed, dtype=dtype)
+
+            what = f"k={k} r={r} {dtype} {'batched' if lead else 'single'}"
+            gp, gc = grad(200 + r), grad(201 + r)
+            m = _factor(k, BATCH if lead else None, seed=202 + k)
+            lr, hyper = scaled_rates(gp, gc)
+            check_update(m, gp, gc, lr, hyper, _NATIVE, REL_TOL[dtype], f"fop_update[{_NATIVE}] {what}")
+            check_precondition(m, gp, _NATIVE, REL_TOL[dtype], f"fop_precondition[{_NATIVE}] {what}")
+
+
+def test_fop_precondition_many_chunks():
+    """More rows than one chunk of the CPU kernel (and an odd count): chunk boundaries in the middle of a matrix."""
+    _need("fop_precondition", _NATIVE)
+    for k in (3, 9):
+        grad = _randn(2, 70001 // k, k, seed=210 + k)
+        m = _factor(k, 2, seed=211 + k)
+        check_precondition(m, grad, _NATIVE, REL_TOL[torch.float32], f"fop_precondition[{_NATIVE}] k={k} many rows")
+
+
 # (grad dtype, m dtype): the result is in grad's dtype, accumulated in float32 (float64 for float64 gradients)
 PRECONDITION_DTYPES = (
     (torch.float32, torch.float32),
