@@ -533,6 +533,24 @@ def test_near_duplicates_dropped(cls, damping):
         assert rel_err(dual_step(j, rhs, damping), want) > 1e-4
 
 
+@pytest.mark.parametrize("dtype", (F64, torch.float32), ids=("f64", "f32"))
+def test_more_samples_than_gradient_directions(dtype):
+    """Linear(3, 3) under softmax cross-entropy: the per-sample gradients span 2 x 4 = 8 directions (the logit
+    gradient sums to zero), so with 12 samples J J^T has rank 8: without damping the step is the minimum-norm
+    pinv(J) s, and last_info reports the rank."""
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 3)).to(DEVICE, dtype)
+    x, y = torch.randn(12, 3, generator=g).to(DEVICE, dtype), torch.randint(0, 3, (12,), generator=g).to(DEVICE)
+    j, s, blocks, _ = dense_truth(model, x, y, "mean")
+    assert torch.linalg.matrix_rank(j).item() == 8
+    pre = IEF(model, damping=0.0)
+    backward(model, x, y, "mean")
+    pre.step(y)
+    assert int(pre.last_info["rank"]) == 8 and bool(pre.last_info["kept"].all()), pre.last_info
+    check_step(model, blocks, torch.linalg.pinv(j) @ s, TOL64 if dtype == F64 else 1e-4, f"iEF {dtype} rank 8")
+
+
 # -- 6. state_dict ---------------------------------------------------------------------------------------------------
 
 
