@@ -553,79 +553,75 @@ struct MicroShape<double> {
 };
 
 #ifdef PYCURV_CPU_AVX2
-// Block of C (MR x nn, nn <= 16) = alpha A(MR x K) B(K x 16) (+ C when accumulate); B rows ldb apart.
-template <int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2(int64_t K, const float* a, int64_t ars, int64_t acs,
-                                                     const float* bp, int64_t ldb, float alpha, bool accumulate,
-                                                     float* c, int64_t ldc, int64_t nn) {
-  __m256 c0[MR], c1[MR];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(bp + k * ldb), b1 = _mm256_loadu_ps(bp + k * ldb + 8);
-    const float* ak = a + k * acs;
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(ak + r * ars);
-      c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
-    }
-  }
-  const __m256 al = _mm256_set1_ps(alpha);
-  alignas(32) float tmp[16];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    float* cr = c + r * ldc;
-    if (nn == 16) {
-      __m256 v0 = _mm256_mul_ps(al, c0[r]), v1 = _mm256_mul_ps(al, c1[r]);
-      if (accumulate) {
-        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cr));
-        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cr + 8));
-      }
-      _mm256_storeu_ps(cr, v0);
-      _mm256_storeu_ps(cr + 8, v1);
-    } else {
-      _mm256_store_ps(tmp, _mm256_mul_ps(al, c0[r]));
-      _mm256_store_ps(tmp + 8, _mm256_mul_ps(al, c1[r]));
-      for (int64_t j = 0; j < nn; ++j) cr[j] = accumulate ? cr[j] + tmp[j] : tmp[j];
-    }
-  }
-}
+// One 256-bit register of T: L lanes, and the few operations the block kernel needs.
+template <typename T>
+struct Ymm;
+template <>
+struct Ymm<float> {
+  using V = __m256;
+  static constexpr int L = 8;
+  __attribute__((target("avx2"))) static V zero() { return _mm256_setzero_ps(); }
+  __attribute__((target("avx2"))) static V set1(float x) { return _mm256_set1_ps(x); }
+  __attribute__((target("avx2"))) static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  __attribute__((target("avx2"))) static V load(const float* p) { return _mm256_loadu_ps(p); }
+  __attribute__((target("avx2"))) static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  __attribute__((target("avx2"))) static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  __attribute__((target("avx2"))) static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  __attribute__((target("avx2,fma"))) static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+};
+template <>
+struct Ymm<double> {
+  using V = __m256d;
+  static constexpr int L = 4;
+  __attribute__((target("avx2"))) static V zero() { return _mm256_setzero_pd(); }
+  __attribute__((target("avx2"))) static V set1(double x) { return _mm256_set1_pd(x); }
+  __attribute__((target("avx2"))) static V bcast(const double* p) { return _mm256_broadcast_sd(p); }
+  __attribute__((target("avx2"))) static V load(const double* p) { return _mm256_loadu_pd(p); }
+  __attribute__((target("avx2"))) static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  __attribute__((target("avx2"))) static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  __attribute__((target("avx2"))) static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  __attribute__((target("avx2,fma"))) static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+};
 
-// The same for float64: B(K x 8).
-template <int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2(int64_t K, const double* a, int64_t ars, int64_t acs,
-                                                     const double* bp, int64_t ldb, double alpha, bool accumulate,
-                                                     double* c, int64_t ldc, int64_t nn) {
-  __m256d c0[MR], c1[MR];
+// Block of C (MR x nn, nn <= NR = two registers' lanes) = alpha A(MR x K) B(K x NR) (+ C when accumulate); B rows
+// ldb apart.
+template <int MR, typename T>
+__attribute__((target("avx2,fma"))) void micro_avx2(int64_t K, const T* a, int64_t ars, int64_t acs, const T* bp,
+                                                     int64_t ldb, T alpha, bool accumulate, T* c, int64_t ldc,
+                                                     int64_t nn) {
+  using Y = Ymm<T>;
+  using V = typename Y::V;
+  constexpr int L = Y::L;
+  static_assert(2 * L == MicroShape<T>::NR, "a block is two registers wide");
+  V c0[MR], c1[MR];
 #pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_pd();
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = Y::zero();
   for (int64_t k = 0; k < K; ++k) {
-    const __m256d b0 = _mm256_loadu_pd(bp + k * ldb), b1 = _mm256_loadu_pd(bp + k * ldb + 4);
-    const double* ak = a + k * acs;
+    const V b0 = Y::load(bp + k * ldb), b1 = Y::load(bp + k * ldb + L);
+    const T* ak = a + k * acs;
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      const __m256d av = _mm256_broadcast_sd(ak + r * ars);
-      c0[r] = _mm256_fmadd_pd(av, b0, c0[r]);
-      c1[r] = _mm256_fmadd_pd(av, b1, c1[r]);
+      const V av = Y::bcast(ak + r * ars);
+      c0[r] = Y::fma(av, b0, c0[r]);
+      c1[r] = Y::fma(av, b1, c1[r]);
     }
   }
-  const __m256d al = _mm256_set1_pd(alpha);
-  alignas(32) double tmp[8];
+  const V al = Y::set1(alpha);
+  alignas(32) T tmp[2 * L];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
-    double* cr = c + r * ldc;
-    if (nn == 8) {
-      __m256d v0 = _mm256_mul_pd(al, c0[r]), v1 = _mm256_mul_pd(al, c1[r]);
+    T* cr = c + r * ldc;
+    if (nn == 2 * L) {
+      V v0 = Y::mul(al, c0[r]), v1 = Y::mul(al, c1[r]);
       if (accumulate) {
-        v0 = _mm256_add_pd(v0, _mm256_loadu_pd(cr));
-        v1 = _mm256_add_pd(v1, _mm256_loadu_pd(cr + 4));
+        v0 = Y::add(v0, Y::load(cr));
+        v1 = Y::add(v1, Y::load(cr + L));
       }
-      _mm256_storeu_pd(cr, v0);
-      _mm256_storeu_pd(cr + 4, v1);
+      Y::store(cr, v0);
+      Y::store(cr + L, v1);
     } else {
-      _mm256_store_pd(tmp, _mm256_mul_pd(al, c0[r]));
-      _mm256_store_pd(tmp + 4, _mm256_mul_pd(al, c1[r]));
+      Y::store(tmp, Y::mul(al, c0[r]));
+      Y::store(tmp + L, Y::mul(al, c1[r]));
       for (int64_t j = 0; j < nn; ++j) cr[j] = accumulate ? cr[j] + tmp[j] : tmp[j];
     }
   }
