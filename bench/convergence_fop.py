@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import statistics
@@ -67,6 +66,7 @@ from convergence_kfac import (  # noqa: E402
     pct,
     record_point,
     result_header,
+    save_and_report,
     select_best,
     sync,
 )
@@ -460,34 +460,15 @@ def main(argv=None) -> int:
         "entries": entries,
         "learned_P_best": best_fop(entries),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-
-    print()
-    print(
-        f"device: {dev['name']} ({dev['torch_threads']} torch threads); {runtime:.0f} s in all; 1-minute load "
-        f"average {dev['load_average_at_start'][0]:.1f} at the start, {dev['load_average_at_end'][0]:.1f} at the end"
-    )
-    print(format_table(entries))
     best = result["learned_P_best"]
+    notes = []
     if best is not None:
         eig = best["P_eigenvalues"]
-        print(
+        notes.append(
             f"learned P of the first convolution ({best['optimizer']}, seed 0): eigenvalues {min(eig):.3g} - "
             f"{max(eig):.3g}, ||P - I||_F / 3 = {best['rel_dev_from_identity']:.3g}"
         )
-    for e in entries:
-        for w in e["warnings"]:
-            print(f"warning ({e['optimizer']}, {w['count']}x): {w['category']}: {w['first'][:200]}")
-    if not args.no_plot:
-        from plot_convergence import plot
-
-        png = plot(result, os.path.splitext(out)[0] + ".png")
-        if png:
-            print(png)
-    print(out)
+    save_and_report(result, out, format_table(entries), args.no_plot, notes)
     return 0
 
 

@@ -356,6 +356,35 @@ def count_warnings(caught) -> list[dict]:
     return list(groups.values())
 
 
+def save_and_report(result: dict, out: str, table: str, no_plot: bool, notes=(), label=lambda e: e["optimizer"]):
+    """Writes ``result`` to ``out`` (JSON) and prints the device line, ``table``, the ``notes`` lines, the warnings
+    of every entry (named by ``label``), the plot's path (unless ``no_plot``) and, last, ``out``."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    dev = result["device"]
+    print()
+    print(
+        f"device: {dev['name']} ({dev['torch_threads']} torch threads); {result['runtime_s']:.0f} s in all; 1-minute "
+        f"load average {dev['load_average_at_start'][0]:.1f} at the start, {dev['load_average_at_end'][0]:.1f} at "
+        "the end"
+    )
+    print(table)
+    for line in notes:
+        print(line)
+    for e in result["entries"]:
+        for w in e["warnings"]:
+            print(f"warning ({label(e)}, {w['count']}x): {w['category']}: {w['first'][:200]}")
+    if not no_plot:
+        from plot_convergence import plot
+
+        png = plot(result, os.path.splitext(out)[0] + ".png")
+        if png:
+            print(png)
+    print(out)
+
+
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -579,27 +608,7 @@ def main(argv=None) -> int:
         },
         "entries": entries,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-
-    print()
-    print(
-        f"device: {dev['name']} ({dev['torch_threads']} torch threads); {runtime:.0f} s in all; 1-minute load "
-        f"average {dev['load_average_at_start'][0]:.1f} at the start, {dev['load_average_at_end'][0]:.1f} at the end"
-    )
-    print(format_table(entries))
-    for e in entries:
-        for w in e["warnings"]:
-            print(f"warning ({e['model']} {e['optimizer']}, {w['count']}x): {w['category']}: {w['first'][:200]}")
-    if not args.no_plot:
-        from plot_convergence import plot
-
-        png = plot(result, os.path.splitext(out)[0] + ".png")
-        if png:
-            print(png)
-    print(out)
+    save_and_report(result, out, format_table(entries), args.no_plot, label=lambda e: f"{e['model']} {e['optimizer']}")
     return 0
 
 
