@@ -135,16 +135,36 @@ def check_update(m, gp, gc, lr, hyper, backend, tol, what):
 # ================================================================================================================
 
 
-def _update_shape_cases():
+def _shape_cases(op: str, reduced: list) -> list:
+    """(backend, k, r, batched) for every backend of ``op``: the whole grid, or the ``reduced`` combinations under
+    the Triton interpreter."""
     params = []
-    for backend in _backends("fop_update"):
-        combos = list(itertools.product(K_S, R_S, (False, True)))
-        if _reduced(backend):
-            combos = [(1, 5, False), (3, 37, True), (9, 1, False), (17, 5, True), (100, 37, False), (100, 1, True)]
+    for backend in _backends(op):
+        combos = reduced if _reduced(backend) else list(itertools.product(K_S, R_S, (False, True)))
         for k, r, batched in combos:
             pid = f"{backend}-k{k}-r{r}-{'batched' if batched else 'single'}"
             params.append(pytest.param(backend, k, r, batched, id=pid))
     return params
+
+
+def _dtype_cases(op: str, dtypes) -> list:
+    """(backend, grad dtype, m dtype, batched) for every backend of ``op``; under the Triton interpreter each dtype
+    pair once, batched or single by turns."""
+    params = []
+    for backend in _backends(op):
+        for i, (gd, md) in enumerate(dtypes):
+            for batched in (False, True):
+                if _reduced(backend) and batched != bool(i % 2):
+                    continue
+                pid = f"{backend}-g{DT_ID[gd]}-m{DT_ID[md]}-{'batched' if batched else 'single'}"
+                params.append(pytest.param(backend, gd, md, batched, id=pid))
+    return params
+
+
+def _update_shape_cases():
+    return _shape_cases(
+        "fop_update", [(1, 5, False), (3, 37, True), (9, 1, False), (17, 5, True), (100, 37, False), (100, 1, True)]
+    )
 
 
 @pytest.mark.parametrize("backend, k, r, batched", _update_shape_cases())
@@ -181,19 +201,9 @@ UPDATE_DTYPES = (
 )
 
 
-def _update_dtype_cases():
-    params = []
-    for backend in _backends("fop_update"):
-        for i, (gd, md) in enumerate(UPDATE_DTYPES):
-            for batched in (False, True):
-                if _reduced(backend) and batched != bool(i % 2):
-                    continue
-                pid = f"{backend}-g{DT_ID[gd]}-m{DT_ID[md]}-{'batched' if batched else 'single'}"
-                params.append(pytest.param(backend, gd, md, batched, id=pid))
-    return params
 
 
-@pytest.mark.parametrize("backend, grad_dtype, m_dtype, batched", _update_dtype_cases())
+@pytest.mark.parametrize("backend, grad_dtype, m_dtype, batched", _dtype_cases("fop_update", UPDATE_DTYPES))
 def test_fop_update_dtypes(backend, grad_dtype, m_dtype, batched):
     _need("fop_update", backend)
     lead = (BATCH,) if batched else ()
@@ -370,15 +380,10 @@ def check_precondition(m, grad, backend, tol, what):
 
 
 def _precondition_shape_cases():
-    params = []
-    for backend in _backends("fop_precondition"):
-        combos = list(itertools.product(K_S, R_S, (False, True)))
-        if _reduced(backend):
-            combos = [(1, 37, True), (3, 1, False), (9, 5, True), (17, 37, False), (100, 5, False), (100, 1, True)]
-        for k, r, batched in combos:
-            pid = f"{backend}-k{k}-r{r}-{'batched' if batched else 'single'}"
-            params.append(pytest.param(backend, k, r, batched, id=pid))
-    return params
+    return _shape_cases(
+        "fop_precondition",
+        [(1, 37, True), (3, 1, False), (9, 5, True), (17, 37, False), (100, 5, False), (100, 1, True)],
+    )
 
 
 @pytest.mark.parametrize("backend, k, r, batched", _precondition_shape_cases())
@@ -438,19 +443,11 @@ PRECONDITION_DTYPES = (
 )
 
 
-def _precondition_dtype_cases():
-    params = []
-    for backend in _backends("fop_precondition"):
-        for i, (gd, md) in enumerate(PRECONDITION_DTYPES):
-            for batched in (False, True):
-                if _reduced(backend) and batched != bool(i % 2):
-                    continue
-                pid = f"{backend}-g{DT_ID[gd]}-m{DT_ID[md]}-{'batched' if batched else 'single'}"
-                params.append(pytest.param(backend, gd, md, batched, id=pid))
-    return params
 
 
-@pytest.mark.parametrize("backend, grad_dtype, m_dtype, batched", _precondition_dtype_cases())
+@pytest.mark.parametrize(
+    "backend, grad_dtype, m_dtype, batched", _dtype_cases("fop_precondition", PRECONDITION_DTYPES)
+)
 def test_fop_precondition_dtypes(backend, grad_dtype, m_dtype, batched):
     _need("fop_precondition", backend)
     lead = (BATCH,) if batched else ()
