@@ -52,6 +52,31 @@ def op_backends(op: str, device: torch.device = DEVICE) -> list[str]:
     return pycurv.ops.available_backends(device, op)
 
 
+def need_backend(op: str, backend: str) -> None:
+    """Skips the test when ``backend`` cannot run ``op`` on DEVICE here, with the reason."""
+    why = pycurv.ops._backend_status(backend, DEVICE, op)
+    if why is not None:
+        pytest.skip(f"{op}: backend {backend!r} is not available: {why}")
+
+
+def registered(op: str, key: str) -> bool:
+    """Whether the compiled extension registers a ``key`` (CPU / CUDA) kernel for ``torch.ops.pycurv.<op>``."""
+    if pycurv._extension.LOAD_ERROR is not None:
+        return False
+    try:
+        getattr(torch.ops.pycurv, op)
+    except (AttributeError, RuntimeError):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pycurv::{op}", key)
+
+
+def need_registered(op: str, key: str) -> None:
+    if pycurv._extension.LOAD_ERROR is not None:
+        pytest.skip(f"pycurv._C did not load: {pycurv._extension.LOAD_ERROR}")
+    if not registered(op, key):
+        pytest.skip(f"torch.ops.pycurv.{op} has no {key} kernel registered")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

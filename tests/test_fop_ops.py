@@ -24,10 +24,11 @@ import math
 import pytest
 import torch
 
-import pycurv
 from pycurv import ops
 
 from conftest import DEVICE, INTERPRET, REL_TOL, assert_rel_close, op_backends, rel_err
+from conftest import need_backend as _need
+from conftest import need_registered as _need_registered
 
 F64 = torch.float64
 DT_ID = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -45,11 +46,6 @@ def _backends(op: str) -> list[str]:
     live = op_backends(op)
     return live + [b for b in (_NATIVE, "triton") if b not in live]
 
-
-def _need(op: str, backend: str) -> None:
-    why = ops._backend_status(backend, DEVICE, op)
-    if why is not None:
-        pytest.skip(f"{op}: backend {backend!r} is not available: {why}")
 
 
 def _reduced(backend: str) -> bool:
@@ -672,21 +668,6 @@ def test_fop_precondition_bad_input(case):
 # ================================================================================================================
 
 
-def _registered(op: str, key: str) -> bool:
-    if pycurv._extension.LOAD_ERROR is not None:
-        return False
-    try:
-        getattr(torch.ops.pycurv, op)
-    except (AttributeError, RuntimeError):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pycurv::{op}", key)
-
-
-def _need_registered(op: str, key: str) -> None:
-    if pycurv._extension.LOAD_ERROR is not None:
-        pytest.skip(f"pycurv._C did not load: {pycurv._extension.LOAD_ERROR}")
-    if not _registered(op, key):
-        pytest.skip(f"torch.ops.pycurv.{op} has no {key} kernel registered")
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pycurv import ops
 from pycurv.optim import FOP, HD
 
-from conftest import DEVICE, REL_TOL, op_backends, rel_err
+from conftest import DEVICE, REL_TOL, need_backend, op_backends, rel_err
 
 F64 = torch.float64
 TOL64 = 1e-11  # float64 steps: a handful of small matmuls per step
@@ -467,9 +466,7 @@ def _fop_backends():
 @pytest.mark.parametrize("backend", _fop_backends())
 def test_steps_match_dense_rule_per_backend(backend):
     for op in ("fop_update", "fop_precondition"):
-        why = ops._backend_status(backend, DEVICE, op)
-        if why is not None:
-            pytest.skip(f"{op}: backend {backend!r} is not available: {why}")
+        need_backend(op, backend)
     model, fop, ref_model, dense, base, rates = _fop_and_dense("sgd_momentum", True, backend=backend)
     for s, batch in enumerate(batches_for(3)):
         _grads(model, batch)

@@ -31,12 +31,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pycurv
 from pycurv import ops
 from pycurv.capture import Capture
 from pycurv.reference import acc_dtype
 
 from conftest import DEVICE, INTERPRET, REL_TOL, assert_rel_close, op_backends, rel_err
+from conftest import need_backend as _need
+from conftest import need_registered as _need_registered
 from models import (
     CNN,
     MLP,
@@ -65,11 +66,6 @@ def _backends(op: str) -> list[str]:
         return live
     return live + [b for b in (_NATIVE, "triton") if b not in live]
 
-
-def _need(op: str, backend: str) -> None:
-    why = ops._backend_status(backend, DEVICE, op)
-    if why is not None:
-        pytest.skip(f"{op}: backend {backend!r} is not available: {why}")
 
 
 def _reduced(backend: str) -> bool:
@@ -1346,17 +1342,6 @@ def test_logit_grad_sqnorms_bad_input(case):
 # ================================================================================================================
 
 
-def _registered(op: str, key: str) -> bool:
-    if pycurv._extension.LOAD_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pycurv::{op}", key)
-
-
-def _need_registered(op: str, key: str) -> None:
-    if pycurv._extension.LOAD_ERROR is not None:
-        pytest.skip(f"pycurv._C did not load: {pycurv._extension.LOAD_ERROR}")
-    if not _registered(op, key):
-        pytest.skip(f"torch.ops.pycurv.{op} has no {key} kernel registered")
 
 
 @pytest.mark.parametrize("op", COMPILED)
