@@ -61,6 +61,7 @@ OP_SHAPES = {
         ("linear", 4, 1024, 1024),
         ("linear", 1, 4096, 4096),
         ("linear", 4, 4096, 4096),
+        ("linear", 1, 1024, 4096),
     ],
     "cpu": [
         ("conv3x3", 8, 64, 64),
@@ -69,6 +70,7 @@ OP_SHAPES = {
         ("linear", 4, 512, 512),
         ("linear", 1, 1024, 1024),
         ("linear", 4, 1024, 1024),
+        ("linear", 1, 256, 1024),
     ],
     "quick": [("conv3x3", 8, 32, 32), ("linear", 1, 256, 256), ("linear", 4, 128, 128)],
 }
@@ -281,7 +283,9 @@ def flop_count(case: Case) -> tuple[int, str]:
         return 2 * b * (r * k * k + k**3), (
             "2*B*(r*k^2 + k^3): G_prev^T G_cur once (G_cur^T G_prev is its transpose) and the product with M"
         )
-    return 2 * b * (r * k * k + k**3), "2*B*(r*k^2 + k^3): P = M M^T, then G P"
+    return 2 * b * min(r * k * k + k**3, 2 * r * k * k), (
+        "2*B*min(r*k^2 + k^3, 2*r*k^2): P = M M^T then G P, or (G M) M^T, whichever needs fewer"
+    )
 
 
 def byte_count(case: Case) -> tuple[int, str]:

@@ -489,12 +489,15 @@ def test_fop_precondition_noncontiguous_m(backend):
 
 @pytest.mark.parametrize("backend", _backends("fop_precondition"))
 def test_fop_precondition_identity_is_exact(backend):
-    """``M = I`` (every factor at its start) must hand the gradient back unchanged, bit for bit."""
+    """``M = I`` (every factor at its start) must hand the gradient back unchanged, bit for bit: more rows than
+    columns and fewer (the CPU kernel's thin form), float32 and bfloat16."""
     _need("fop_precondition", backend)
-    grad = _randn(BATCH, 9, 6, seed=130)
-    m = torch.eye(6, device=DEVICE).expand(BATCH, 6, 6).contiguous()
-    out = ops.fop_precondition(m, grad, backend=backend)
-    assert torch.equal(out, grad), f"fop_precondition[{backend}]: M = I changed the gradient"
+    for r, k in ((9, 6), (9, 40)):
+        m = torch.eye(k, device=DEVICE).expand(BATCH, k, k).contiguous()
+        for dtype in (torch.float32, torch.bfloat16):
+            grad = _randn(BATCH, r, k, seed=130, dtype=dtype)
+            out = ops.fop_precondition(m, grad, backend=backend)
+            assert torch.equal(out, grad), f"fop_precondition[{backend}]: M = I changed the gradient ({r}x{k} {dtype})"
 
 
 # ================================================================================================================
