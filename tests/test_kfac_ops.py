@@ -423,6 +423,23 @@ def test_damped_inverse(method, backend, kind, d, b, dtype):
     assert torch.equal(m, m0), f"{what}: m was modified"
 
 
+@pytest.mark.parametrize("backend", inverse_backends("cholesky"))
+def test_damped_inverse_contiguous_on_every_path(backend, monkeypatch):
+    """Contiguous and right whichever path the backend takes: d = 200 is past the CUDA kernel's shared memory (the
+    CUDA op then runs ATen's batched Cholesky, whose inverse comes in column-major batches), and
+    PYCURV_CUDA_INV_MAX_D=8 sends d = 17 there as well."""
+    for d, env in ((17, None), (200, None), (17, "8")):
+        if _reduced(backend) and d > 100:
+            continue
+        if env is not None:
+            monkeypatch.setenv("PYCURV_CUDA_INV_MAX_D", env)
+        m, damping, damps = make_batch("spd", d, 3, torch.float32, seed=d)
+        inv = ops.damped_inverse(m, damping, "cholesky", backend=backend)
+        what = f"damped_inverse[cholesky, {backend}] d={d} PYCURV_CUDA_INV_MAX_D={env}"
+        assert inv.is_contiguous(), f"{what}: strides {inv.stride()}"
+        check_inverse(inv, m, damps, "cholesky", what)
+
+
 def _method_backend_params(reduced_ok: bool = True):
     return [
         pytest.param(method, backend, id=f"{method}-{backend}")

@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> damped_inverse_aten(const at::Tensor& m, cons
   low = at::where(info.gt(0).view({B, 1, 1}), at::eye(d, m.options()), low);
   at::Tensor inv = at::cholesky_inverse(low).tril_();
   inv.add_(inv.tril(-1).transpose(1, 2));
-  return {inv, info.to(at::kInt)};
+  return {inv.contiguous(), info.to(at::kInt)};  // cholesky_inverse returns column-major batches
 }
 
 std::tuple<at::Tensor, at::Tensor> damped_inverse_cuda(const at::Tensor& m, const at::Tensor& damping,
