@@ -137,16 +137,22 @@ class KernelRegistry(dict):
                 return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         raise KeyError(f"{name}: no registered config with {match} for {dt}")
 
-    def tuned(self, name: str, dt: str, key: tuple[str, ...]):
+    def tuned(self, name: str, dt: str, key: tuple[str, ...], reset_to_zero: tuple[str, ...] = ()):
         """The kernel ``name`` autotuned over its configurations for input dtype ``dt`` (one config under the
-        interpreter), keyed on the argument names ``key``; built once, so that its tuning results are kept."""
+        interpreter), keyed on the argument names ``key``; built once, so that its tuning results are kept.
+        ``reset_to_zero``: output arguments the kernel accumulates into, or whose cells only some configurations
+        write: zeroed before every timed run and before the real one (autotuning runs the kernel once per
+        configuration on the same arguments)."""
         cache = self.__dict__.setdefault("_tuned", {})
-        if (name, dt, key) not in cache:
+        ck = (name, dt, key, reset_to_zero)
+        if ck not in cache:
             configs = self[name].configs(dt)
             if _INTERPRET:
                 configs = configs[:1]
-            cache[name, dt, key] = triton.autotune(configs=configs, key=list(key))(self[name].fn)
-        return cache[name, dt, key]
+            cache[ck] = triton.autotune(
+                configs=configs, key=list(key), reset_to_zero=list(reset_to_zero) or None
+            )(self[name].fn)
+        return cache[ck]
 
 
 # ----------------------------------------------------------------------------------------------------------------

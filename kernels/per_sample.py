@@ -730,9 +730,10 @@ def _sqnorms_materialize(a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.
     do = g.shape[2]
     dt = _dt(a)
     nob_max = triton.cdiv(do, min(c.kwargs["BO"] for c in KERNELS["_sqnorm_mat_kernel"].configs(dt)))
-    # zeros: the autotuned block size may leave trailing slots unwritten
+    # zeros: the chosen block size may leave trailing slots unwritten, and the configurations tried while tuning
+    # write different ones: reset between runs
     ws = torch.zeros((n, nob_max), device=a.device, dtype=_out_dtype(a))
-    kern = _wrap(KERNELS.tuned("_sqnorm_mat_kernel", dt, ("T", "DI", "DO")))
+    kern = _wrap(KERNELS.tuned("_sqnorm_mat_kernel", dt, ("T", "DI", "DO"), reset_to_zero=("ws_ptr",)))
     kern[lambda meta: (n * triton.cdiv(do, meta["BO"]),)](a, g, ws, *_ag_args(a, g, int(bias)), nob_max, PREC=_prec(dt))
     return ws.sum(1)
 

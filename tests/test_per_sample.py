@@ -231,6 +231,18 @@ def test_methods_agree(op, backend, shape):
     assert_rel_close(xg, xm, torch.float64, f"{op}[{backend}] ghost vs materialize")
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("f16", "bf16"))
+@pytest.mark.parametrize("op, backend", [pytest.param(o, b, id=f"{o}-{b}") for o in OPS for b in op_backends(o)])
+def test_wide_output_16bit(op, backend, dtype):
+    """d_out = 200 spans several output blocks of every tile height the 16-bit GPU kernels try while autotuning (64
+    and 128): a kernel whose tuning runs leave partial sums behind for the real run shows it here, on the first call
+    with this shape, for both methods."""
+    a, g = make_ag(3, 5, 24, 200, dtype)
+    for method in ("ghost", "materialize"):
+        x = run_op(op, a, g, True, method, backend)
+        check_against_both(op, x, a, g, True, method, dtype, f"{op}[{backend}, {method}] {dtype} d_out=200")
+
+
 def _unreduced_backend_params(ops_=OPS):
     return [
         pytest.param(op, b, id=f"{op}-{b}") for op in ops_ for b in op_backends(op) if not _reduced(b)
