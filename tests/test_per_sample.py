@@ -243,6 +243,24 @@ def test_wide_output_16bit(op, backend, dtype):
         check_against_both(op, x, a, g, True, method, dtype, f"{op}[{backend}, {method}] {dtype} d_out=200")
 
 
+def test_cuda_atomics_alert_in_deterministic_mode():
+    """The CUDA kernels that sum with float atomics raise under torch.use_deterministic_algorithms(True), as
+    torch's own do; "auto" on a GPU prefers Triton, which has no atomics and keeps working."""
+    if "cuda" not in op_backends("per_sample_gram"):
+        pytest.skip("no CUDA kernels here")
+    a, g = make_ag(4, 3, 17, 5, torch.float32)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="atomicAdd"):
+            ops.per_sample_gram(a, g, True, backend="cuda", method="ghost")
+        if "triton" in op_backends("per_sample_gram"):
+            x = ops.per_sample_gram(a, g, True, backend="auto", method="ghost")
+            check_against_both("per_sample_gram", x, a, g, True, "ghost", torch.float32, "auto, deterministic mode")
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def _unreduced_backend_params(ops_=OPS):
     return [
         pytest.param(op, b, id=f"{op}-{b}") for op in ops_ for b in op_backends(op) if not _reduced(b)

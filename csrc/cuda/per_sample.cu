@@ -17,6 +17,7 @@
 // Tuning knobs (read at every call): PYCURV_CUDA_CHUNK_BYTES bounds the temporaries of the chunked paths (default
 // 256 MiB); PYCURV_CUDA_FUSED_MAX_D is the largest d_in + d_out for which the ghost Gram uses the fused kernel
 // rather than two cuBLAS GEMMs per chunk (default 4096).
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -371,7 +372,13 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 // Launches ghost_tile_kernel over all tiles of the flattened (N*T)-row problem; `out` must be zeroed for the
 // grouped epilogues.
+// The kernels below that add into their output with float atomicAdd give sums whose rounding depends on the order
+// the blocks run in: under torch.use_deterministic_algorithms(True) they raise (or warn, with warn_only), as
+// torch's own atomic kernels do. The Triton kernels use no atomics.
+void alert_atomics(const char* what) { at::globalContext().alertNotDeterministic(what); }
+
 void launch_ghost_tiles(const at::Tensor& a, const at::Tensor& g, bool bias, Epilogue epi, at::Tensor& out) {
+  if (epi != kStore) alert_atomics("pycurv per-sample CUDA kernels (ghost tiles summed with atomicAdd)");
   const int64_t N = a.size(0), T = a.size(1);
   const int64_t R = N * T, row_tiles = ceil_div(R, kTile);
   const int64_t band = 2 + ceil_div(T, kTile);  // a superset of the column tiles a row tile's samples reach
@@ -405,6 +412,7 @@ void launch_ghost_tiles(const at::Tensor& a, const at::Tensor& g, bool bias, Epi
 
 // (N, d_out) contiguous tensor of sum_t g[n, t, :] in the accumulation dtype.
 at::Tensor bias_sums(const at::Tensor& g) {
+  alert_atomics("pycurv per-sample CUDA kernels (bias sums with atomicAdd)");
   const int64_t N = g.size(0), T = g.size(1), D = g.size(2);
   at::Tensor out = at::zeros({N, D}, g.options().dtype(acc_dtype(g.scalar_type())));
   if (N == 0 || T == 0 || D == 0) return out;
@@ -425,6 +433,7 @@ at::Tensor bias_sums(const at::Tensor& g) {
 
 // out[r] += ||x[r]||^2 for a contiguous (rows, len) x of out's dtype.
 void add_row_sqnorms(const at::Tensor& x, at::Tensor& out) {
+  alert_atomics("pycurv per-sample CUDA kernels (row norms with atomicAdd)");
   const int64_t rows = x.size(0), len = x.numel() / std::max<int64_t>(rows, 1);
   if (rows == 0 || len == 0) return;
   constexpr int threads = 256;
@@ -439,6 +448,7 @@ void add_row_sqnorms(const at::Tensor& x, at::Tensor& out) {
 // dst[(e / width) * ldo + e % width] += sum_n x[n, e]^2 for a contiguous (N, L) x; dst points into a tensor of x's
 // dtype that holds those elements.
 void add_sample_squares(const at::Tensor& x, int64_t width, int64_t ldo, void* dst) {
+  alert_atomics("pycurv per-sample CUDA kernels (squares summed with atomicAdd)");
   const int64_t N = x.size(0), L = x.numel() / std::max<int64_t>(N, 1);
   if (N == 0 || L == 0) return;
   constexpr int threads = 256;
