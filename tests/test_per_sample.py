@@ -261,6 +261,24 @@ def test_cuda_atomics_alert_in_deterministic_mode():
         torch.use_deterministic_algorithms(before)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_kernels_repeat_bit_for_bit(op):
+    """Two threads, tiles handed out dynamically: the C++ kernels must still give the same bits on every call (the
+    materialize Gram once summed per-thread partials whose tiles depended on timing)."""
+    if "cpu" not in op_backends(op) or DEVICE.type != "cpu":
+        pytest.skip("the C++ CPU kernels only")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, g = make_ag(16, 32, 256, 256, torch.float32)
+        for method in ("ghost", "materialize"):
+            first = run_op(op, a, g, True, method, "cpu")
+            for _ in range(6):
+                assert torch.equal(run_op(op, a, g, True, method, "cpu"), first), f"{op}[cpu, {method}] changed"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _unreduced_backend_params(ops_=OPS):
     return [
         pytest.param(op, b, id=f"{op}-{b}") for op in ops_ for b in op_backends(op) if not _reduced(b)

@@ -50,6 +50,11 @@ constexpr int64_t kBlockElems = int64_t(1) << 16;
 constexpr int64_t kWholeElems = int64_t(1) << 22;
 // Up to this many time steps the per-sample products sum_t g[t]^T a[t] are formed by a fused loop, not a GEMM.
 constexpr int64_t kSmallT = 4;
+// Partial Grams of the materialize Gram: between kMinGroups and kMaxGroups of them, more only while they take at
+// most kMaxPartialBytes together.
+constexpr int64_t kMinGroups = 4;
+constexpr int64_t kMaxGroups = 64;
+constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
 
 
 
@@ -528,9 +533,13 @@ Tensor gram_materialize(const Tensor& a, const Tensor& g, bool bias, bool brg) {
   Input<E> ia(a, false), ig(g, false);
   // At least 64 x 256 per-sample blocks: the operands packed for each block are then reused enough.
   const MatTile mt = mat_tile(n, di, dout, std::max(kTileElems, n * 64 * 256));
-  const int64_t no = cdiv(dout, mt.bo), ni = cdiv(di, mt.bi);
-  const int64_t slots = std::min(num_threads(), no * ni);
-  Tensor partial = acc_zeros<T>({slots, n, n});
+  const int64_t no = cdiv(dout, mt.bo), ni = cdiv(di, mt.bi), ntiles = no * ni;
+  // Tiles go to partial Grams (tile t to group t % groups, in index order within a group), summed in group order:
+  // which thread takes which group does not change the result, so every run gives the same bits. At least
+  // kMinGroups of them (threads to share the work), more while they fit in kMaxPartialBytes.
+  const int64_t fit = kMaxPartialBytes / std::max<int64_t>(1, n * n * int64_t(sizeof(T)));
+  const int64_t groups = std::min(ntiles, std::clamp(fit, kMinGroups, kMaxGroups));
+  Tensor partial = acc_zeros<T>({groups, n, n});
   T* pp = partial.data_ptr<T>();
   const bool packed = use_grad_pack(ia, ig, n, brg);
   GradPack<E> gp;
@@ -538,8 +547,7 @@ Tensor gram_materialize(const Tensor& a, const Tensor& g, bool bias, bool brg) {
     Tensor s0, s1;
     gp.pack(ig.tile(0, n, 0, dout, s0), ia.tile(0, n, 0, di, s1), n, tn, dout, di, true);
   }
-  parallel_tiles(no * ni, slots, [&](int64_t slot, auto&& next) {
-    T* kp = pp + slot * n * n;
+  parallel_tiles(groups, num_threads(), [&](int64_t, auto&& next) {
     // Rows of X padded so that samples do not alias in the cache (their stride would often be 2^k bytes).
     const int64_t ldx = cdiv(mt.bo * mt.bi, 16) * 16 + 16;
     Tensor xb = acc_empty<T>({n * ldx});
@@ -547,26 +555,29 @@ Tensor gram_materialize(const Tensor& a, const Tensor& g, bool bias, bool brg) {
     Tensor sa, sg;
     Work w;
     RightNT<T, T> y;
-    for (int64_t tile = next(); tile >= 0; tile = next()) {
-      const int64_t o0 = (tile / ni) * mt.bo, o1 = std::min(dout, o0 + mt.bo);
-      const int64_t c0 = (tile % ni) * mt.bi, c1 = std::min(di, c0 + mt.bi);
-      const int64_t bo = o1 - o0, bi = c1 - c0, len = bo * bi;
-      if constexpr (std::is_same_v<T, float>) {
-        if (packed) {
-          for (int64_t s = 0; s < n; ++s) gp.block(s, o0, bo, c0, bi, x + s * ldx, bi);
+    for (int64_t grp = next(); grp >= 0; grp = next()) {
+      T* kp = pp + grp * n * n;
+      for (int64_t tile = grp; tile < ntiles; tile += groups) {
+        const int64_t o0 = (tile / ni) * mt.bo, o1 = std::min(dout, o0 + mt.bo);
+        const int64_t c0 = (tile % ni) * mt.bi, c1 = std::min(di, c0 + mt.bi);
+        const int64_t bo = o1 - o0, bi = c1 - c0, len = bo * bi;
+        if constexpr (std::is_same_v<T, float>) {
+          if (packed) {
+            for (int64_t s = 0; s < n; ++s) gp.block(s, o0, bo, c0, bi, x + s * ldx, bi);
+          }
         }
+        if (!packed) {
+          auto vg = ig.tile(0, n, o0, o1, sg);
+          auto va = ia.tile(0, n, c0, c1, sa);
+          for (int64_t s = 0; s < n; ++s)
+            grad_block<E, T>(vg.p + s * vg.sn, vg.st, va.p + s * va.sn, va.st, tn, bo, bi, x + s * ldx, bi, w, brg);
+        }
+        syrk_lower<T>(n, len, x, ldx, kp, y, w, brg);
       }
-      if (!packed) {
-        auto vg = ig.tile(0, n, o0, o1, sg);
-        auto va = ia.tile(0, n, c0, c1, sa);
-        for (int64_t s = 0; s < n; ++s)
-          grad_block<E, T>(vg.p + s * vg.sn, vg.st, va.p + s * va.sn, va.st, tn, bo, bi, x + s * ldx, bi, w, brg);
-      }
-      syrk_lower<T>(n, len, x, ldx, kp, y, w, brg);
     }
     release_brgemm(std::is_same_v<E, BFloat16>);
   });
-  Tensor k = slots == 1 ? partial[0] : partial.sum(0);
+  Tensor k = groups == 1 ? partial[0] : partial.sum(0);
   if (bias) {
     Tensor gs = bias_sums(g, k.scalar_type());
     Work w;
