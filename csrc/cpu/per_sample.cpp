@@ -178,10 +178,74 @@ void mirror_lower(T* k, int64_t n) {
         for (int64_t j = j0; j < std::min(i, j0 + B); ++j) k[j * n + i] = k[i * n + j];
 }
 
+// PYCURV_CPU_DOT_SYRK=0 sends every X X^T through the GEMM path (for comparison).
+inline bool dot_syrk_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("PYCURV_CPU_DOT_SYRK");
+    return !(e && e[0] == '0' && e[1] == '\0');
+  }();
+  return on;
+}
+
+#ifdef PYCURV_CPU_AVX2
+// Up to this many rows, K += X X^T runs as direct dot products (below); beyond, as a packed GEMM.
+constexpr int64_t kDotSyrkRows = 32;
+
+// K[i0 + r][j0 + c] += <X_{i0+r}, X_{j0+c}> for r < RI, c < RJ: RI x RJ dot products over len, one vector
+// accumulator each, every loaded vector of a row used RJ (or RI) times.
+template <int RI, int RJ>
+__attribute__((target("avx2,fma"))) void dot_block(const float* x, int64_t ldx, int64_t len, int64_t i0, int64_t j0,
+                                                   float* k, int64_t ldk) {
+  __m256 acc[RI][RJ];
+  for (int r = 0; r < RI; ++r)
+    for (int c = 0; c < RJ; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t l = 0;
+  for (; l + 8 <= len; l += 8) {
+    __m256 vj[RJ];
+    for (int c = 0; c < RJ; ++c) vj[c] = _mm256_loadu_ps(x + (j0 + c) * ldx + l);
+    for (int r = 0; r < RI; ++r) {
+      const __m256 vi = _mm256_loadu_ps(x + (i0 + r) * ldx + l);
+      for (int c = 0; c < RJ; ++c) acc[r][c] = _mm256_fmadd_ps(vi, vj[c], acc[r][c]);
+    }
+  }
+  alignas(32) float t[8];
+  for (int r = 0; r < RI; ++r)
+    for (int c = 0; c < RJ; ++c) {
+      _mm256_store_ps(t, acc[r][c]);
+      float s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+      for (int64_t q = l; q < len; ++q) s += x[(i0 + r) * ldx + q] * x[(j0 + c) * ldx + q];
+      k[(i0 + r) * ldk + j0 + c] += s;
+    }
+}
+
+using DotBlockFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+
+// Lower triangle (block-wise) of K += X X^T for n <= kDotSyrkRows rows of a long X: blocks of 3 x 3 dot products
+// (9 accumulators, 6 loads for 9 FMAs). A BLAS or packed GEMM with M = N = 16 and K in the tens of thousands runs
+// at a fraction of the FMA rate; these loops stream X from cache at close to it.
+void syrk_dots_avx2(int64_t n, int64_t len, const float* x, int64_t ldx, float* k) {
+  static constexpr DotBlockFn table[3][3] = {{&dot_block<1, 1>, &dot_block<1, 2>, &dot_block<1, 3>},
+                                             {&dot_block<2, 1>, &dot_block<2, 2>, &dot_block<2, 3>},
+                                             {&dot_block<3, 1>, &dot_block<3, 2>, &dot_block<3, 3>}};
+  for (int64_t i0 = 0; i0 < n; i0 += 3) {
+    const int64_t ri = std::min<int64_t>(3, n - i0);
+    for (int64_t j0 = 0; j0 <= i0; j0 += 3) {
+      const int64_t rj = std::min<int64_t>(3, n - j0);
+      table[ri - 1][rj - 1](x, ldx, len, i0, j0, k, n);
+    }
+  }
+}
+#endif
+
 // Lower triangle (block-wise) of K += X X^T, X: (n, len) rows of stride ldx: row blocks of K against the columns up to
 // their end, which skips about half the work once n spans several blocks. y: reusable packing of X^T.
 template <typename T>
 void syrk_lower(int64_t n, int64_t len, const T* x, int64_t ldx, T* k, RightNT<T, T>& y, Work& w, bool brg) {
+#ifdef PYCURV_CPU_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (n <= kDotSyrkRows && cpu_avx2() && dot_syrk_enabled()) return syrk_dots_avx2(n, len, x, ldx, k);
+  }
+#endif
   const int64_t rb = n >= 128 ? 32 : (n >= 32 ? 16 : n);
   y.set(x, ldx, len, n, brg, w);
   for (int64_t i0 = 0; i0 < n; i0 += rb) {
