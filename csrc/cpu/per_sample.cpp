@@ -50,6 +50,8 @@ constexpr int64_t kBlockElems = int64_t(1) << 16;
 constexpr int64_t kWholeElems = int64_t(1) << 22;
 // Up to this many time steps the per-sample products sum_t g[t]^T a[t] are formed by a fused loop, not a GEMM.
 constexpr int64_t kSmallT = 4;
+// Below this many multiply-adds an op runs on the calling thread.
+constexpr int64_t kSerialMacs = int64_t(1) << 18;
 // Partial Grams of the materialize Gram: between kMinGroups and kMaxGroups of them, more only while they take at
 // most kMaxPartialBytes together.
 constexpr int64_t kMinGroups = 4;
@@ -784,12 +786,15 @@ Tensor ef_diag_impl(const Tensor& a, const Tensor& g, bool bias, bool brg) {
     T* qa = sqa.data_ptr<T>();
     T* qg = sqg.data_ptr<T>();
     const int64_t ob = std::max<int64_t>(16, cdiv(dout, 4 * num_threads()));
+    // A small problem stays on the calling thread: waking the pool costs more than the work (about 10 us).
+    const bool serial = n * dout * w < kSerialMacs;
+    const int64_t slots = serial ? 1 : num_threads();
     Tensor sa, sg;
     for (int64_t n0 = 0; n0 < n; n0 += chunk) {
       const int64_t n1 = std::min(n, n0 + chunk), m = n1 - n0;
       auto va = ia.tile(n0, n1, 0, di, sa);
       auto vg = ig.tile(n0, n1, 0, dout, sg);
-      at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, m, serial ? m : 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const E* ar = va.p + r * va.sn;
           const E* gr = vg.p + r * vg.sn;
@@ -802,7 +807,7 @@ Tensor ef_diag_impl(const Tensor& a, const Tensor& g, bool bias, bool brg) {
           for (int64_t o = 0; o < dout; ++o) qgr[o] = to_acc(gr[o]) * to_acc(gr[o]);
         }
       });
-      parallel_tiles(cdiv(dout, ob), num_threads(), [&](int64_t, auto&& next) {
+      parallel_tiles(cdiv(dout, ob), slots, [&](int64_t, auto&& next) {
         Work wk;
         for (int64_t b = next(); b >= 0; b = next()) {
           const int64_t o0 = b * ob, o1 = std::min(dout, o0 + ob);
