@@ -280,8 +280,9 @@ def _pycurv_impl(case: Case, backend: str, hyper_lr: float | None):
 def flop_count(case: Case) -> tuple[int, str]:
     b, r, k = _rk(case.shape)
     if case.op == "fop_update":
-        return 2 * b * (r * k * k + k**3), (
-            "2*B*(r*k^2 + k^3): G_prev^T G_cur once (G_cur^T G_prev is its transpose) and the product with M"
+        return 2 * b * min(r * k * k + k**3, 4 * r * k * k), (
+            "2*B*min(r*k^2 + k^3, 4*r*k^2): G_prev^T G_cur once (G_cur^T G_prev is its transpose) and the product "
+            "with M, or G_prev^T (G_cur M) + G_cur^T (G_prev M), whichever needs fewer"
         )
     return 2 * b * min(r * k * k + k**3, 2 * r * k * k), (
         "2*B*min(r*k^2 + k^3, 2*r*k^2): P = M M^T then G P, or (G M) M^T, whichever needs fewer"

@@ -420,6 +420,26 @@ def test_fop_small_k_loops(k, dtype):
             check_precondition(m, gp, _NATIVE, REL_TOL[dtype], f"fop_precondition[{_NATIVE}] {what}")
 
 
+@pytest.mark.parametrize(
+    "grad_dtype, m_dtype",
+    ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)),
+    ids=("f32", "bf16", "f64"),
+)
+def test_fop_few_rows_many_columns(grad_dtype, m_dtype):
+    """r well below k (a classifier head): the CPU kernels never form S or D there (thin forms); batched and
+    single, and gradients read through a transpose."""
+    _need("fop_update", _NATIVE)
+    for r, k in ((1, 40), (5, 64), (21, 64)):
+        for lead in ((), (BATCH,)):
+            gp = _randn(*lead, k, r, seed=220 + r, dtype=grad_dtype).mT
+            gc = _randn(*lead, r, k, seed=221 + r, dtype=grad_dtype)
+            m = _factor(k, BATCH if lead else None, seed=222 + k, dtype=m_dtype)
+            lr, hyper = scaled_rates(gp, gc)
+            what = f"r={r} k={k} {grad_dtype} {'batched' if lead else 'single'}"
+            check_update(m, gp, gc, lr, hyper, _NATIVE, REL_TOL[m_dtype], f"fop_update[{_NATIVE}] {what}")
+            check_precondition(m, gc, _NATIVE, REL_TOL[grad_dtype], f"fop_precondition[{_NATIVE}] {what}")
+
+
 def test_fop_precondition_many_chunks():
     """More rows than one chunk of the CPU kernel (and an odd count): chunk boundaries in the middle of a matrix."""
     _need("fop_precondition", _NATIVE)

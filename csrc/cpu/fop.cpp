@@ -1,7 +1,8 @@
 // CPU kernels of the FOP family (MATH.md section 4; Moskovitz et al. 2019).
 //
 // fop_update: m <- m + lr hyper_lr S m with S = C + C^T, C = G_prev^T G_cur (one k x k product per matrix; S's
-//   symmetry costs nothing more). Small k (conv taps: few small matrices, many rows): the r rows are cut into a
+//   symmetry costs nothing more). With r < k / 3 (and k past the small-k loops) S m is formed as
+//   G_prev^T (G_cur m) + G_cur^T (G_prev m) instead, never forming S (see update). Small k (conv taps: few small matrices, many rows): the r rows are cut into a
 //   number of splits fixed by the shapes alone, so that batch x splits gives the threads enough independent work;
 //   large k: C is cut into column tiles instead (float32 / float64 gradients with large k: one batched BLAS GEMM,
 //   threaded by BLAS itself). Every (matrix, split, tile) multiplies its rows chunk by chunk (ATen's matmul on
@@ -381,6 +382,15 @@ void symmetrize(const T* part, int64_t B, int64_t splits, int64_t k, T* s) {
 template <typename E, typename T>
 void update(const Tensor& m, const Tensor& gp, const Tensor& gc, double alpha) {
   const int64_t B = m.size(0), k = m.size(1), r = gp.size(1);
+  if (3 * r < k && !use_small_k<T>(k)) {
+    // Thin form: S m = G_prev^T (G_cur m) + G_cur^T (G_prev m), 8 r k^2 multiply-adds against the 2 r k^2 + 2 k^3
+    // of forming S (a classifier head: r classes, k inputs). The gradients are converted to m's dtype whole when
+    // they are 16-bit: with r < k / 3 such a copy is smaller than m itself.
+    const Tensor p = gp.to(m.scalar_type()), c = gc.to(m.scalar_type());
+    const Tensor sm = at::bmm(p.mT(), at::bmm(c, m)).baddbmm_(c.mT(), at::bmm(p, m));
+    m.add_(sm, alpha);
+    return;
+  }
   const UpdatePlan pl = plan_update(B, r, k, sizeof(T));
   Tensor part;
   if (std::is_same_v<E, T> && pl.ntile > 1) {
