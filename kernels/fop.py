@@ -21,6 +21,11 @@ on chip from ``M`` and streams row blocks of ``G``. For larger ``k``, ``D`` is f
 block triangle (half the products of a full ``M M^T``) and mirrored, then a batched GEMM over ``(rows x k)`` tiles
 adds the ``G`` tile in its epilogue.
 
+Past ``k = 32``, a gradient with few rows takes thin forms that never build ``S`` or ``D``, on torch's batched
+GEMMs (cuBLAS): ``S M = G_p^T (G_c M) + G_c^T (G_p M)`` when ``r < k / 3`` and ``(G M) M^T`` when ``r < k`` (a
+classifier head or a down-projection: ``2 k^3`` multiply-adds saved); those products follow torch's float32 matmul
+precision setting (full float32 unless TF32 was allowed).
+
 Precision (``_common.py``): products of float32 operands use ``tf32x3`` (float32 accuracy), 16-bit gradients are
 multiplied in their own dtype with float32 accumulation (``S``) or, against the float32 ``D``, in TF32, which
 rounds ``D`` no more than the 16-bit gradient is rounded already; float64 is ``ieee``. ``S``, ``M`` and ``D`` are
@@ -589,6 +594,13 @@ def _update(
         fin = KERNELS.fixed("_fop_finish_kernel", _acc_name(dt), KP=meta["BD"])
         _wrap(_fop_finish_kernel)[(b,)](ws, m, k, splits, c, PREC=_prec(_acc_name(dt)), **fin)
         return
+    if 3 * r < k:
+        # thin form: S M = G_p^T (G_c M) + G_c^T (G_p M), 8 r k^2 multiply-adds against the 2 r k^2 + 2 k^3 of
+        # forming S; four batched library GEMMs (a 16-bit gradient converted whole: with r < k / 3 that copy is
+        # smaller than M)
+        p, q = gp.to(m.dtype), gc.to(m.dtype)
+        m.add_(torch.baddbmm(torch.bmm(p.mT, torch.bmm(q, m)), q.mT, torch.bmm(p, m)), alpha=c)
+        return
     meta = _sym_meta(dt, k, fused=False)
     chunk = max(1, min(b, _UPDATE_WS_BYTES // (2 * k * k * esize)))
     new = m.new_empty((chunk, k, k))
@@ -645,6 +657,11 @@ def _precondition(m: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
             m, grad, out, r, k, *grad.stride(), r_per,
             MPREC=_prec(_acc_name(dt)), PREC=_mixed_prec(dt), **meta,
         )
+        return out
+    if r < k:
+        # thin form: (G M) M^T, 4 r k^2 multiply-adds against the 2 k^3 + 2 r k^2 of forming D; two batched library
+        # GEMMs (M = I still returns G exactly: every product but one is an exact zero)
+        out.copy_(torch.bmm(torch.bmm(grad.to(m.dtype), m), m.mT))
         return out
     d = torch.empty_like(m)
     acc = _acc_name(dt)

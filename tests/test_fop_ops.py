@@ -378,7 +378,7 @@ def check_precondition(m, grad, backend, tol, what):
 def _precondition_shape_cases():
     return _shape_cases(
         "fop_precondition",
-        [(1, 37, True), (3, 1, False), (9, 5, True), (17, 37, False), (100, 5, False), (100, 1, True)],
+        [(1, 37, True), (3, 1, False), (9, 5, True), (17, 37, False), (40, 45, True), (100, 5, False), (100, 1, True)],
     )
 
 
