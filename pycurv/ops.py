@@ -765,51 +765,66 @@ def ief_coefficients(
     diag = k.diagonal(dim1=1, dim2=2)
     tiny = torch.finfo(torch.float64).tiny
     keep = diag > n * eps * diag.amax(1, keepdim=True).clamp_min(tiny)
-    dup = _duplicates(k, diag, keep, float(dedup_threshold)) if dedup_threshold is not None and n > 1 else None
-    # one synchronisation for the checks and whether duplicates exist
-    fin_k, fin_s, neg = torch.isfinite(k).flatten(1).all(1), torch.isfinite(rhs).all(1), (damp < 0) | ~torch.isfinite(damp)
-    flags = [~fin_k.all(), ~fin_s.all(), neg.any()] + ([] if dup is None else [dup.any()])
-    checks = torch.stack(flags).tolist()
-    if checks[0]:
+    # the Jacobi-scaled Gram (below) holds the cosines the duplicate check needs
+    r_all = diag.clamp_min(tiny).rsqrt()
+    cos = k * (r_all.unsqueeze(2) * r_all.unsqueeze(1))
+    dup = _duplicates(cos, keep, float(dedup_threshold)) if dedup_threshold is not None and n > 1 else None
+    # One synchronisation for the checks (a sum is finite only when every term is), whether every sample is kept
+    # and whether duplicates exist. Few, batch-wide operations: on a GPU each is a launch.
+    flags = [k.sum(), rhs.sum(), damp.amin(), damp.sum(), keep.all().double()]
+    if dup is not None:
+        flags.append(dup.any().double())
+    k_sum, s_sum, damp_min, damp_sum, all_kept, *dup_any = torch.stack(flags).tolist()
+    if not math.isfinite(k_sum):
+        fin_k = torch.isfinite(k).flatten(1).all(1)
         raise ValueError(f"{op}: gram is not finite (problems {(~fin_k).nonzero().flatten().tolist()} hold inf or NaN)")
-    if checks[1]:
+    if not math.isfinite(s_sum):
+        fin_s = torch.isfinite(rhs).all(1)
         raise ValueError(
             f"{op}: logit_grad_sqnorms is not finite (problems {(~fin_s).nonzero().flatten().tolist()} hold inf or NaN)"
         )
-    if checks[2]:
+    if not (damp_min >= 0 and math.isfinite(damp_sum)):
         raise ValueError(f"{op}: damping must be finite and >= 0, got {damp.tolist()}")
-    if dup is not None and checks[3]:
-        keep = _dedup(dup, keep)
+    if dup_any and dup_any[0]:
+        keep, all_kept = _dedup(dup, keep), False
     # Jacobi scaling over the kept samples: C = R K R, R = diag(K_jj)^(-1/2), holds the cosines between per-sample
     # gradients, whose rounding is about eps whatever the gradients' norms, so one noise floor (rtol) serves every
     # direction. (K + damping I) alpha = s  <=>  (C + damping R^2) beta = R s, alpha = R beta. Dropped samples:
     # zero row and column, 1 on the diagonal, 0 on the right, so alpha_j = 0 exactly.
-    kf = keep.double()
-    r = torch.where(keep, diag.clamp_min(tiny).rsqrt(), 0.0)
-    unit = torch.diag_embed(1.0 - kf)
-    c0 = k * (r.unsqueeze(2) * r.unsqueeze(1)) + unit
-    rs = rhs * r
-    chol, info = torch.linalg.cholesky_ex(c0 + torch.diag_embed(damp.unsqueeze(1) * r.square()))
+    if all_kept:
+        r, unit, c0 = r_all, None, cos
+    else:
+        kf = keep.double()
+        r = r_all * kf
+        unit = torch.diag_embed(1.0 - kf)
+        c0 = cos * (kf.unsqueeze(2) * kf.unsqueeze(1)) + unit
+    cm = c0.clone()
+    cm.diagonal(dim1=1, dim2=2).add_(damp.unsqueeze(1) * r.square())
+    chol, info = torch.linalg.cholesky_ex(cm)
     # a failed factorisation or a pivot near the noise floor sends the problem to the eigendecomposition (the
     # dropped samples' unit pivots do not count)
-    pivot = chol.diagonal(dim1=1, dim2=2).square().masked_fill(~keep, math.inf).amin(1)
-    route = (info != 0) | (pivot <= 100 * rtol)
-    rank = keep.sum(1)
-    alpha = torch.cholesky_solve(rs.unsqueeze(2), chol).squeeze(2) * r
+    pivot = chol.diagonal(dim1=1, dim2=2).square()
+    if not all_kept:
+        pivot = pivot.masked_fill(~keep, math.inf)
+    route = (info != 0) | (pivot.amin(1) <= 100 * rtol)
+    alpha = torch.cholesky_solve((rhs * r).unsqueeze(2), chol).squeeze(2) * r
+    rank = None
     idx = route.nonzero().flatten()
     if idx.numel():
+        unit_r = torch.zeros_like(c0[idx]) if unit is None else unit[idx]
         alpha_r, rank_r = _ief_deflated(
-            op, idx, k[idx], rhs[idx], damp[idx], r[idx], c0[idx], unit[idx], rtol, singular
+            op, idx, k[idx], rhs[idx], damp[idx], r[idx], c0[idx], unit_r, rtol, singular
         )
         alpha = alpha.index_copy(0, idx, alpha_r)
-        rank = rank.index_copy(0, idx, rank_r)
+        rank = keep.sum(1).index_copy(0, idx, rank_r)
     alpha = alpha.to(gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32)
-    cur = damp
+    if not return_info:
+        return alpha if batched else alpha[0]
+    if rank is None:
+        rank = keep.sum(1)
     if not batched:
-        alpha, keep, cur, rank = alpha[0], keep[0], cur[0], rank[0]
-    if return_info:
-        return alpha, {"kept": keep, "damping": cur, "rank": rank}
-    return alpha
+        return alpha[0], {"kept": keep[0], "damping": damp[0], "rank": rank[0]}
+    return alpha, {"kept": keep, "damping": damp, "rank": rank}
 
 
 def _ief_deflated(op, idx, k, rhs, damp, r, c0, unit, rtol, singular):
@@ -852,11 +867,10 @@ def _ief_deflated(op, idx, k, rhs, damp, r, c0, unit, rtol, singular):
     return (d.unsqueeze(2) * y).squeeze(2) * keep_diag, rank
 
 
-def _duplicates(k: torch.Tensor, diag: torch.Tensor, keep: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``dup[b, j, i]``: samples ``j > i`` both kept with ``|cos(G_i, G_j)| > threshold``."""
-    norm = diag.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
-    cos = k.abs() / (norm.unsqueeze(2) * norm.unsqueeze(1))
-    return (cos > threshold).tril(-1) & keep.unsqueeze(1) & keep.unsqueeze(2)
+def _duplicates(cos: torch.Tensor, keep: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``dup[b, j, i]``: samples ``j > i`` both kept with ``|cos(G_i, G_j)| > threshold`` (``cos``: the Gram scaled
+    by its diagonal)."""
+    return (cos.abs() > threshold).tril(-1) & keep.unsqueeze(1) & keep.unsqueeze(2)
 
 
 def _dedup(dup: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
