@@ -170,7 +170,7 @@ __attribute__((target("avx2,fma"))) void precondition_group(const float* g, int6
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < NB; ++b)
       acc[r][b] = (Safe && b == NB - 1) ? _mm256_maskload_ps(g + r * ldg + 8 * b, mask)
-                                                      : _mm256_loadu_ps(g + r * ldg + 8 * b);
+                                        : _mm256_loadu_ps(g + r * ldg + 8 * b);
   for (int64_t j = 0; j < k; ++j) {
     __m256 dj[NB];
     for (int b = 0; b < NB; ++b) dj[b] = _mm256_loadu_ps(d + j * kp + 8 * b);
