@@ -57,6 +57,7 @@ if BENCH not in sys.path:
 
 from convergence_kfac import (  # noqa: E402
     acc_text,
+    add_run_args,
     configs,
     count_warnings,
     device_info,
@@ -66,11 +67,11 @@ from convergence_kfac import (  # noqa: E402
     pct,
     record_point,
     result_header,
+    results_path,
     save_and_report,
     select_best,
     sync,
 )
-from run import slug  # noqa: E402
 
 import pycurv  # noqa: E402
 
@@ -343,14 +344,7 @@ def main(argv=None) -> int:
         choices=OPTIMIZERS,
         help=f"default: {' '.join(OPTIMIZERS)} (FOP and HD tune their base's lr first, with or without its final runs)",
     )
-    parser.add_argument("--epochs", type=int, help="epochs of each final run (default 25, quick 4)")
-    parser.add_argument("--tune-epochs", type=int, help="epochs of each tuning run (default 10, quick 2)")
-    parser.add_argument("--seeds", type=int, help="final runs per optimizer (default 3, quick 2)")
-    parser.add_argument("--evals-per-epoch", type=int, default=1, help="evaluation points per epoch (default 1)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", help="results file (default bench/results/convergence-fop_<slug>_<date>.json)")
-    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
+    add_run_args(parser, "fop", 4, 2, 1)
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -367,12 +361,7 @@ def main(argv=None) -> int:
     started = datetime.datetime.now()
     data = load_data(device)
     dev = device_info(device)
-    device_slug = (
-        slug(dev["name"]) if device.type == "cuda" else f"cpu-{slug(dev['cpu_model'])}-{dev['torch_threads']}t"
-    )
-    if args.quick:
-        device_slug += "-quick"
-    out = args.out or os.path.join(BENCH, "results", f"convergence-fop_{device_slug}_{started:%Y-%m-%d}.json")
+    out = results_path("fop", args.out, dev, device, args.quick, started)
 
     def log(msg):
         print(msg, flush=True)

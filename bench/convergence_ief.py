@@ -54,6 +54,7 @@ if BENCH not in sys.path:
 
 from convergence_kfac import (  # noqa: E402
     acc_text,
+    add_run_args,
     configs,
     count_warnings,
     device_info,
@@ -64,11 +65,11 @@ from convergence_kfac import (  # noqa: E402
     pct,
     record_point,
     result_header,
+    results_path,
     save_and_report,
     select_best,
     sync,
 )
-from run import slug  # noqa: E402
 
 import pycurv  # noqa: E402
 from pycurv.metrics import update_quality  # noqa: E402
@@ -304,17 +305,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller grids, fewer epochs, 2 seeds (about a minute)")
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, help=f"default: {' '.join(OPTIMIZERS)}")
-    parser.add_argument("--epochs", type=int, help="epochs of each final run (default 25, quick 4)")
-    parser.add_argument("--tune-epochs", type=int, help="epochs of each tuning run (default 10, quick 2)")
-    parser.add_argument("--seeds", type=int, help="final runs per optimizer (default 3, quick 2)")
-    parser.add_argument("--evals-per-epoch", type=int, default=1, help="evaluation points per epoch (default 1)")
+    add_run_args(parser, "ief", 4, 2, 1)
     parser.add_argument(
         "--indicator-every", type=int, help="steps between two indicator points in the final runs (default 5, quick 10)"
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", help="results file (default bench/results/convergence-ief_<slug>_<date>.json)")
-    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -332,12 +326,7 @@ def main(argv=None) -> int:
     started = datetime.datetime.now()
     data = load_data(device)
     dev = device_info(device)
-    device_slug = (
-        slug(dev["name"]) if device.type == "cuda" else f"cpu-{slug(dev['cpu_model'])}-{dev['torch_threads']}t"
-    )
-    if args.quick:
-        device_slug += "-quick"
-    out = args.out or os.path.join(BENCH, "results", f"convergence-ief_{device_slug}_{started:%Y-%m-%d}.json")
+    out = results_path("ief", args.out, dev, device, args.quick, started)
 
     def log(msg):
         print(msg, flush=True)

@@ -323,6 +323,31 @@ def acc_text(s: dict) -> str:
     return f"{pct(s['final_test_acc_mean'])} ± {pct(s['final_test_acc_std'])}"
 
 
+def add_run_args(parser, kind: str, quick_epochs: int, quick_tune: int, evals_per_epoch: int, per: str = "optimizer"):
+    """The options every convergence script takes: run lengths, evaluation points, device, threads, output."""
+    parser.add_argument("--epochs", type=int, help=f"epochs of each final run (default 25, quick {quick_epochs})")
+    parser.add_argument("--tune-epochs", type=int, help=f"epochs of each tuning run (default 10, quick {quick_tune})")
+    parser.add_argument("--seeds", type=int, help=f"final runs per {per} (default 3, quick 2)")
+    parser.add_argument(
+        "--evals-per-epoch", type=int, default=evals_per_epoch,
+        help=f"evaluation points per epoch (default {evals_per_epoch})",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", help=f"results file (default bench/results/convergence-{kind}_<slug>_<date>.json)")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
+
+
+def results_path(kind: str, out: str | None, dev: dict, device: torch.device, quick: bool, started) -> str:
+    """``out``, or bench/results/convergence-<kind>_<device slug>[-quick]_<date>.json."""
+    if out:
+        return out
+    name = slug(dev["name"]) if device.type == "cuda" else f"cpu-{slug(dev['cpu_model'])}-{dev['torch_threads']}t"
+    if quick:
+        name += "-quick"
+    return os.path.join(BENCH, "results", f"convergence-{kind}_{name}_{started:%Y-%m-%d}.json")
+
+
 def result_header(kind: str, script: str, started, runtime: float, argv, dev: dict, quick: bool, data: dict) -> dict:
     """The fields every convergence results file starts with: what ran, where, on which data split."""
     return {
@@ -511,14 +536,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller grids, fewer epochs, 2 seeds, no kfac-inverse")
     parser.add_argument("--models", nargs="+", choices=MODELS, help=f"default: {' '.join(MODELS)}")
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, help=f"default: {' '.join(OPTIMIZERS)}")
-    parser.add_argument("--epochs", type=int, help="epochs of each final run (default 25, quick 8)")
-    parser.add_argument("--tune-epochs", type=int, help="epochs of each tuning run (default 10, quick 4)")
-    parser.add_argument("--seeds", type=int, help="final runs per (model, optimizer) (default 3, quick 2)")
-    parser.add_argument("--evals-per-epoch", type=int, default=4, help="evaluation points per epoch (default 4)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", help="results file (default bench/results/convergence-kfac_<slug>_<date>.json)")
-    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
+    add_run_args(parser, "kfac", 8, 4, 4, per="(model, optimizer)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -534,12 +552,7 @@ def main(argv=None) -> int:
     started = datetime.datetime.now()
     data = load_data(device)
     dev = device_info(device)
-    device_slug = (
-        slug(dev["name"]) if device.type == "cuda" else f"cpu-{slug(dev['cpu_model'])}-{dev['torch_threads']}t"
-    )
-    if args.quick:
-        device_slug += "-quick"
-    out = args.out or os.path.join(BENCH, "results", f"convergence-kfac_{device_slug}_{started:%Y-%m-%d}.json")
+    out = results_path("kfac", args.out, dev, device, args.quick, started)
 
     def log(msg):
         print(msg, flush=True)
