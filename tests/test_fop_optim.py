@@ -410,6 +410,18 @@ def _grads(model, batch):
     ce_sum(model(batch[0]), batch[1]).backward()
 
 
+def _grads_both(model, ref_model, batch):
+    _grads(model, batch)
+    _grads(ref_model, batch)
+
+
+def _step_both(fop, dense, base, rates):
+    """One FOP step and the dense rule's step on the reference model."""
+    fop.step()
+    dense.precondition(rates)
+    base.step()
+
+
 def compare_models(model, ref_model, tol, what):
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         err = rel_err(p, q)
@@ -443,11 +455,8 @@ def test_steps_match_dense_rule(base_name, output_side):
     model, fop, ref_model, dense, base, rates = _fop_and_dense(base_name, output_side)
     batches = batches_for(4)
     for s, batch in enumerate(batches):
-        _grads(model, batch)
-        _grads(ref_model, batch)
-        fop.step()
-        dense.precondition(rates)
-        base.step()
+        _grads_both(model, ref_model, batch)
+        _step_both(fop, dense, base, rates)
         what = f"{base_name} output_side={output_side} step {s + 1}"
         if s == 0:
             # M = I: the first step is the base optimizer's own, bit for bit
@@ -469,11 +478,8 @@ def test_steps_match_dense_rule_per_backend(backend):
         need_backend(op, backend)
     model, fop, ref_model, dense, base, rates = _fop_and_dense("sgd_momentum", True, backend=backend)
     for s, batch in enumerate(batches_for(3)):
-        _grads(model, batch)
-        _grads(ref_model, batch)
-        fop.step()
-        dense.precondition(rates)
-        base.step()
+        _grads_both(model, ref_model, batch)
+        _step_both(fop, dense, base, rates)
         compare_models(model, ref_model, TOL64, f"backend {backend} step {s + 1}")
     compare_factors(fop, model, dense, ref_model, TOL64, f"backend {backend}")
 
@@ -493,11 +499,8 @@ def test_param_groups_hyperparameters():
             rates[1] = (rates[1][0], rates[1][1], 1.0)
             rates[0] = (rates[0][0], 0.03, rates[0][2])
             base.param_groups[0]["lr"] = 0.03
-        _grads(model, batch)
-        _grads(ref_model, batch)
-        fop.step()
-        dense.precondition(rates)
-        base.step()
+        _grads_both(model, ref_model, batch)
+        _step_both(fop, dense, base, rates)
         compare_models(model, ref_model, TOL64, f"groups step {s + 1}")
         compare_factors(fop, model, dense, ref_model, TOL64, f"groups step {s + 1}")
 
@@ -578,11 +581,8 @@ def test_exclude_matches_dense_rule():
     names = set(fop.preconditioners(model.named_parameters()))
     assert "fc3.weight" not in names and "c2.weight" not in names and "fc2.weight" in names
     for s, batch in enumerate(batches_for(3)):
-        _grads(model, batch)
-        _grads(ref_model, batch)
-        fop.step()
-        dense.precondition(rates)
-        base.step()
+        _grads_both(model, ref_model, batch)
+        _step_both(fop, dense, base, rates)
         compare_models(model, ref_model, TOL64, f"exclude step {s + 1}")
         compare_factors(fop, model, dense, ref_model, TOL64, f"exclude step {s + 1}")
 
@@ -614,14 +614,11 @@ def test_same_shape_parameter_without_gradient_skipped():
     fc3 alone, as torch.optim optimizers skip parameters without a gradient, and carry on with fc2."""
     model, fop, ref_model, dense, base, rates = _fop_and_dense("sgd")
     for s, batch in enumerate(batches_for(4)):
-        _grads(model, batch)
-        _grads(ref_model, batch)
+        _grads_both(model, ref_model, batch)
         if s == 2:
             model.fc3.weight.grad = None
             ref_model.fc3.weight.grad = None
-        fop.step()
-        dense.precondition(rates)
-        base.step()
+        _step_both(fop, dense, base, rates)
         compare_models(model, ref_model, TOL64, f"fc3 without gradient, step {s + 1}")
         compare_factors(fop, model, dense, ref_model, TOL64, f"fc3 without gradient, step {s + 1}")
 
@@ -794,11 +791,8 @@ def test_freeze_and_unfreeze():
         if s == 4:
             fop.unfreeze()
             dense.frozen = False
-        _grads(model, batch)
-        _grads(ref_model, batch)
-        fop.step()
-        dense.precondition(rates)
-        base.step()
+        _grads_both(model, ref_model, batch)
+        _step_both(fop, dense, base, rates)
         compare_models(model, ref_model, TOL64, f"freeze step {s + 1}")
         compare_factors(fop, model, dense, ref_model, TOL64, f"freeze step {s + 1}")
         history.append({i: e["M"] for i, e in fop.preconditioners().items()})
@@ -991,8 +985,7 @@ def test_step_lr_scheduler_reaches_base_and_hypergradient():
         cur = [(p, lr * 0.5**s, h) for (p, lr, h) in rates]
         for bg, (_, lr, _) in zip(base.param_groups, cur):
             bg["lr"] = lr
-        _grads(model, batch)
-        _grads(ref_model, batch)
+        _grads_both(model, ref_model, batch)
         fop.step()
         dense.precondition(cur)
         base.step()
