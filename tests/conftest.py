@@ -77,6 +77,26 @@ def need_registered(op: str, key: str) -> None:
         pytest.skip(f"torch.ops.pycurv.{op} has no {key} kernel registered")
 
 
+def native_offered(op: str, native: str) -> list[str]:
+    """When the extension registers a kernel for ``op`` on DEVICE, pycurv.ops must offer its backend ``native``;
+    returns the backends offered (skips when nothing is registered)."""
+    key = DEVICE.type.upper()
+    need_registered(op, key)
+    live = pycurv.ops.available_backends(DEVICE, op)
+    assert native in live, (
+        f"torch.ops.pycurv.{op} has a {key} kernel, but pycurv.ops does not offer backend {native!r} for it: "
+        f"{pycurv.ops._backend_status(native, DEVICE, op)}"
+    )
+    return live
+
+
+def raises_naming(op: str, exc, pattern: str, call) -> None:
+    """``call()`` must raise ``exc`` with a message matching ``pattern`` that names ``op``."""
+    with pytest.raises(exc, match=pattern) as info:
+        call()
+    assert op in str(info.value), f"message does not name the op: {info.value}"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ import torch
 
 from pycurv import ops
 
-from conftest import DEVICE, INTERPRET, REL_TOL, assert_rel_close, op_backends, rel_err
+from conftest import DEVICE, INTERPRET, REL_TOL, assert_rel_close, native_offered, op_backends, raises_naming, rel_err
 from conftest import need_backend as _need
 from conftest import need_registered as _need_registered
 
@@ -45,7 +45,6 @@ BATCH = 3
 def _backends(op: str) -> list[str]:
     live = op_backends(op)
     return live + [b for b in (_NATIVE, "triton") if b not in live]
-
 
 
 def _reduced(backend: str) -> bool:
@@ -195,8 +194,6 @@ UPDATE_DTYPES = (
     (torch.float32, torch.float64),
     (torch.bfloat16, torch.float64),
 )
-
-
 
 
 @pytest.mark.parametrize("backend, grad_dtype, m_dtype, batched", _dtype_cases("fop_update", UPDATE_DTYPES))
@@ -459,8 +456,6 @@ PRECONDITION_DTYPES = (
 )
 
 
-
-
 @pytest.mark.parametrize(
     "backend, grad_dtype, m_dtype, batched", _dtype_cases("fop_precondition", PRECONDITION_DTYPES)
 )
@@ -611,9 +606,7 @@ def test_fop_update_bad_input(case):
     kw = {"lr": 0.5, "hyper_lr": 0.1, **kw}
     lr, hyper = kw.pop("lr"), kw.pop("hyper_lr")
     snap = m.clone() if isinstance(m, torch.Tensor) else None
-    with pytest.raises(exc, match=pattern) as info:
-        ops.fop_update(m, gp, gc, lr, hyper, **kw)
-    assert "fop_update" in str(info.value), f"message does not name the op: {info.value}"
+    raises_naming("fop_update", exc, pattern, lambda: ops.fop_update(m, gp, gc, lr, hyper, **kw))
     if snap is not None:
         assert torch.equal(m, snap), f"m changed by the failing call {case}"
 
@@ -681,9 +674,7 @@ PRECONDITION_BAD = {
 def test_fop_precondition_bad_input(case):
     make, kw, exc, pattern = PRECONDITION_BAD[case]
     m, grad = make()
-    with pytest.raises(exc, match=pattern) as info:
-        ops.fop_precondition(m, grad, **kw)
-    assert "fop_precondition" in str(info.value), f"message does not name the op: {info.value}"
+    raises_naming("fop_precondition", exc, pattern, lambda: ops.fop_precondition(m, grad, **kw))
 
 
 # ================================================================================================================
@@ -691,18 +682,10 @@ def test_fop_precondition_bad_input(case):
 # ================================================================================================================
 
 
-
-
 @pytest.mark.parametrize("op", OPS)
 def test_registered_kernel_is_used(op):
     """A kernel registered with the dispatcher must also be reachable through pycurv.ops, and picked by "auto"."""
-    key = DEVICE.type.upper()
-    _need_registered(op, key)
-    live = ops.available_backends(DEVICE, op)
-    assert _NATIVE in live, (
-        f"torch.ops.pycurv.{op} has a {key} kernel, but pycurv.ops does not offer backend {_NATIVE!r} for it: "
-        f"{ops._backend_status(_NATIVE, DEVICE, op)}"
-    )
+    live = native_offered(op, _NATIVE)
     assert live.index(_NATIVE) < live.index("torch")
 
 

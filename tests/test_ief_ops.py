@@ -35,7 +35,7 @@ from pycurv import ops
 from pycurv.capture import Capture
 from pycurv.reference import acc_dtype
 
-from conftest import DEVICE, INTERPRET, REL_TOL, assert_rel_close, op_backends, rel_err
+from conftest import DEVICE, INTERPRET, REL_TOL, assert_rel_close, native_offered, op_backends, raises_naming, rel_err
 from conftest import need_backend as _need
 from conftest import need_registered as _need_registered
 from models import (
@@ -65,7 +65,6 @@ def _backends(op: str) -> list[str]:
     if op not in COMPILED:
         return live
     return live + [b for b in (_NATIVE, "triton") if b not in live]
-
 
 
 def _reduced(backend: str) -> bool:
@@ -917,7 +916,8 @@ def test_ief_coefficients_singular_float32_gram(backend, seed):
     Left out, the step is ``pinv(J) s`` to float32 accuracy; a Cholesky solve damped up to the noise floor
     (``N eps max K_ii``) is off by 10 to 50 percent on these problems."""
     gen = torch.Generator().manual_seed(seed)
-    j = torch.randn(8, 4, dtype=torch.float64, generator=gen) @ torch.randn(4, 20000, dtype=torch.float64, generator=gen)
+    c = torch.randn(8, 4, dtype=torch.float64, generator=gen)
+    j = c @ torch.randn(4, 20000, dtype=torch.float64, generator=gen)
     j32 = j.float()
     k = j32 @ j32.T
     s = torch.rand(8, dtype=torch.float64, generator=gen) + 0.1
@@ -1084,9 +1084,7 @@ def test_ief_coefficients_bad_input(case):
     gram, s, kw = make()
     kw = dict(kw)
     damping = kw.pop("damping", 1e-3)
-    with pytest.raises(exc, match=pattern) as info:
-        ops.ief_coefficients(gram, s, damping, **kw)
-    assert "ief_coefficients" in str(info.value), f"message does not name the op: {info.value}"
+    raises_naming("ief_coefficients", exc, pattern, lambda: ops.ief_coefficients(gram, s, damping, **kw))
 
 
 # ================================================================================================================
@@ -1244,9 +1242,7 @@ def test_weighted_grad_sum_bad_input(case):
     coef = make_c() if make_c is not None else torch.ones(a.shape[0], device=DEVICE)
     kw = dict(kw)
     bias = kw.pop("bias", False)
-    with pytest.raises(exc, match=pattern) as info:
-        ops.weighted_grad_sum(a, g, coef, bias, **kw)
-    assert "weighted_grad_sum" in str(info.value), f"message does not name the op: {info.value}"
+    raises_naming("weighted_grad_sum", exc, pattern, lambda: ops.weighted_grad_sum(a, g, coef, bias, **kw))
 
 
 @pytest.mark.parametrize("case", list(DOT_BAD))
@@ -1256,9 +1252,7 @@ def test_per_sample_grad_dot_bad_input(case):
     kw = dict(kw)
     bias = kw.pop("bias", False)
     v = make_v() if make_v is not None else torch.ones(g.shape[-1], a.shape[-1] + (bias is True), device=DEVICE)
-    with pytest.raises(exc, match=pattern) as info:
-        ops.per_sample_grad_dot(a, g, v, bias, **kw)
-    assert "per_sample_grad_dot" in str(info.value), f"message does not name the op: {info.value}"
+    raises_naming("per_sample_grad_dot", exc, pattern, lambda: ops.per_sample_grad_dot(a, g, v, bias, **kw))
 
 
 def _y(*shape, high=7, dtype=torch.int64, device=DEVICE):
@@ -1332,9 +1326,7 @@ LGS_BAD = {
 def test_logit_grad_sqnorms_bad_input(case):
     make, kw, exc, pattern = LGS_BAD[case]
     logits, targets = make()
-    with pytest.raises(exc, match=pattern) as info:
-        ops.logit_grad_sqnorms(logits, targets, **kw)
-    assert "logit_grad_sqnorms" in str(info.value), f"message does not name the op: {info.value}"
+    raises_naming("logit_grad_sqnorms", exc, pattern, lambda: ops.logit_grad_sqnorms(logits, targets, **kw))
 
 
 # ================================================================================================================
@@ -1342,17 +1334,10 @@ def test_logit_grad_sqnorms_bad_input(case):
 # ================================================================================================================
 
 
-
-
 @pytest.mark.parametrize("op", COMPILED)
 def test_registered_kernel_is_used(op):
     """A kernel registered with the dispatcher must also be reachable through pycurv.ops."""
-    key = DEVICE.type.upper()
-    _need_registered(op, key)
-    assert _NATIVE in ops.available_backends(DEVICE, op), (
-        f"torch.ops.pycurv.{op} has a {key} kernel, but pycurv.ops does not offer backend {_NATIVE!r} for it: "
-        f"{ops._backend_status(_NATIVE, DEVICE, op)}"
-    )
+    native_offered(op, _NATIVE)
 
 
 def test_compiled_weighted_grad_sum_checks_inputs():
