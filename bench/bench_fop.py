@@ -35,13 +35,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 from bench_kfac import STEP_MODELS, _forward_flops, _step_problem
-from conftest import DEVICE, QUICK, peak_extra_memory, sync, time_call
+from conftest import DEVICE, GPU, grid_key, peak_extra_memory, sync, time_call, timed_backends
 
 import pycurv
 from pycurv import reference
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-GPU = DEVICE.type == "cuda"
 COMPILE = GPU and os.environ.get("PYCURV_BENCH_COMPILE", "1") != "0"
 OPS = ("fop_update", "fop_precondition")
 LR = 0.1
@@ -76,18 +75,11 @@ OP_SHAPES = {
 }
 
 
-def _grid_key() -> str:
-    return "quick" if QUICK else ("gpu" if GPU else "cpu")
-
 
 def _dtypes() -> list[torch.dtype]:
     """float32; on a GPU also bfloat16 gradients."""
     return [torch.float32, torch.bfloat16] if GPU else [torch.float32]
 
-
-def _backends(op: str) -> list[str]:
-    # interpreted Triton is a correctness tool, not a kernel: never timed
-    return [b for b in pycurv.ops.available_backends(DEVICE, op) if not (not GPU and b == "triton")]
 
 
 def _rk(shape: tuple) -> tuple[int, int, int]:
@@ -117,12 +109,12 @@ class Case:
 
 
 def _cases() -> list[Case]:
-    key = _grid_key()
+    key = grid_key()
     cases = []
     for op in OPS:
         for shape in OP_SHAPES[key]:
             for dtype in _dtypes():
-                impls = [f"pycurv:{b}" for b in _backends(op)] + ["b:matmul_loop"]
+                impls = [f"pycurv:{b}" for b in timed_backends(op)] + ["b:matmul_loop"]
                 impls += ["b:bmm"] if shape[1] > 1 else []
                 impls += ["b+compile"] if COMPILE else []
                 cases += [Case(op, shape, dtype, impl) for impl in impls]

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, QUICK, peak_extra_memory, sync, time_call
+from conftest import DEVICE, GPU, grid_key, peak_extra_memory, sync, time_call, timed_backends
 from torch import nn
 
 import pycurv
@@ -47,7 +47,6 @@ from pycurv.capture import Capture
 from pycurv.ops import choose_method
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-GPU = DEVICE.type == "cuda"
 COMPILE = GPU and os.environ.get("PYCURV_BENCH_COMPILE", "1") != "0"
 # lambda of the update: the paper's range is 1e-12 to 1e-7 ("essentially none"); every implementation uses it.
 DAMPING = 1e-7
@@ -82,36 +81,29 @@ UPDATE_PROBLEMS = ("mlp", "mlp_stack")
 STEP_IMPLS = ("pycurv:ief+sgd", "pycurv:ef+sgd", "pycurv:sf+sgd", "b:adam", "b:sgd")
 
 
-def _grid_key() -> str:
-    return "quick" if QUICK else ("gpu" if GPU else "cpu")
-
 
 def _dtypes() -> list[torch.dtype]:
     """float32; on a GPU also bfloat16 (inputs rounded from the float32 capture)."""
     return [torch.float32, torch.bfloat16] if GPU else [torch.float32]
 
 
-def _backends(op: str) -> list[str]:
-    # interpreted Triton is a correctness tool, not a kernel: never timed
-    return [b for b in pycurv.ops.available_backends(DEVICE, op) if not (not GPU and b == "triton")]
-
 
 def update_backends() -> list[str]:
     """Every backend that at least one op of the update has, in ``available_backends`` order."""
     names: list[str] = []
     for op in UPDATE_OPS:
-        names += [b for b in _backends(op) if b not in names]
+        names += [b for b in timed_backends(op) if b not in names]
     return names
 
 
 def op_backends(backend: str) -> dict[str, str]:
     """The backend each op of a ``pycurv:<backend>`` row runs on: ``backend`` where the op has it, else the op's
     best (what ``"auto"`` picks)."""
-    return {op: backend if backend in _backends(op) else _backends(op)[0] for op in UPDATE_OPS}
+    return {op: backend if backend in timed_backends(op) else timed_backends(op)[0] for op in UPDATE_OPS}
 
 
 def shape_label(name: str) -> str:
-    c = PROBLEMS[_grid_key()][name]
+    c = PROBLEMS[grid_key()][name]
     if c["kind"] == "mlp":
         return f"{name}_N{c['n']}_{c['d_in']}-{c['width']}x{c['depth']}-{c['classes']}"
     return f"{name}_N{c['n']}_T{c['t']}_d{c['d']}_h{c['hidden']}x{c['blocks']}_C{c['classes']}"
@@ -142,7 +134,7 @@ def _plain_candidates(problem: str) -> list[str]:
 
 
 def _cases() -> list[Case]:
-    key = _grid_key()
+    key = grid_key()
     cases = []
     for problem in UPDATE_PROBLEMS:
         for dtype in _dtypes():
@@ -189,20 +181,20 @@ class LinearMLPStack(nn.Module):
 
 def _layer_dims(problem: str) -> list[tuple[int, int]]:
     """``(d_in, d_out)`` of every Linear of ``problem``, in forward order."""
-    c = PROBLEMS[_grid_key()][problem]
+    c = PROBLEMS[grid_key()][problem]
     if c["kind"] == "mlp":
         return [(c["d_in"], c["width"])] + [(c["width"], c["width"])] * (c["depth"] - 1) + [(c["width"], c["classes"])]
     return [(c["d"], c["hidden"]), (c["hidden"], c["d"])] * c["blocks"] + [(c["d"], c["classes"])]
 
 
 def _nt(problem: str) -> tuple[int, int]:
-    c = PROBLEMS[_grid_key()][problem]
+    c = PROBLEMS[grid_key()][problem]
     return c["n"], (c["t"] if c["kind"] == "stack" else 1)
 
 
 def _problem(problem: str):
     """(model, inputs, targets, config), built deterministically on the device."""
-    c = PROBLEMS[_grid_key()][problem]
+    c = PROBLEMS[grid_key()][problem]
     torch.manual_seed(0)
     gen = torch.Generator(device="cpu").manual_seed(0)
     if c["kind"] == "mlp":
@@ -504,7 +496,7 @@ def test_ief(benchmark, peaks, case_id):
     dtype_name = DTYPE_NAMES[case.dtype]
     benchmark.group = f"{case.op} {case.shape_id} {dtype_name}"
     n, t = _nt(case.problem)
-    cfg = PROBLEMS[_grid_key()][case.problem]
+    cfg = PROBLEMS[grid_key()][case.problem]
 
     if case.op == "ief_step":
         name = case.impl.split(":", 1)[1]

@@ -25,14 +25,23 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DEVICE, QUICK, _SyncEveryRound, peak_extra_memory, sync, time_call
+from conftest import (
+    DEVICE,
+    GPU,
+    QUICK,
+    _SyncEveryRound,
+    grid_key,
+    peak_extra_memory,
+    sync,
+    time_call,
+    timed_backends,
+)
 from torch import nn
 
 import pycurv
 from pycurv import reference
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-GPU = DEVICE.type == "cuda"
 COMPILE = GPU and os.environ.get("PYCURV_BENCH_COMPILE", "1") != "0"
 DECAY = 0.95
 STEPS_PER_CALL = 10
@@ -64,24 +73,17 @@ STEP_MODELS = {
 }
 
 
-def _grid_key() -> str:
-    return "quick" if QUICK else ("gpu" if GPU else "cpu")
-
 
 def _dtypes(first_shape: bool) -> list[torch.dtype]:
     """float32 everywhere; bfloat16 on every GPU shape and on the first CPU shape."""
     return [torch.float32, torch.bfloat16] if (GPU or first_shape) else [torch.float32]
 
 
-def _backends(op: str, method: str | None = None) -> list[str]:
-    # interpreted Triton is a correctness tool, not a kernel: never timed
-    return [b for b in pycurv.ops.available_backends(DEVICE, op, method) if not (not GPU and b == "triton")]
-
 
 def _inverse_backends(method: str) -> list[str]:
     """The "torch" backend of a method that a compiled backend implements here is one batched torch.linalg call,
     which the batched baselines already time: it is left out."""
-    have = _backends("damped_inverse", method)
+    have = timed_backends("damped_inverse", method)
     return have if have == ["torch"] else [b for b in have if b != "torch"]
 
 
@@ -109,11 +111,11 @@ class Case:
 
 
 def _cases() -> list[Case]:
-    key = _grid_key()
+    key = grid_key()
     cases = []
     for i, shape in enumerate(FACTOR_SHAPES[key]):
         for dtype in _dtypes(i == 0):
-            impls = [f"pycurv:{b}" for b in _backends("kfac_factor_update")] + ["b:cat_ones", "b:colsum"]
+            impls = [f"pycurv:{b}" for b in timed_backends("kfac_factor_update")] + ["b:cat_ones", "b:colsum"]
             impls += ["b+compile"] if COMPILE else []
             cases += [Case("kfac_factor_update", shape, dtype, impl) for impl in impls]
     for shape in INVERSE_SHAPES[key]:
@@ -122,7 +124,7 @@ def _cases() -> list[Case]:
         cases += [Case("damped_inverse", shape, torch.float32, impl) for impl in impls]
     for op in ("kron_precondition", "kron_precondition_eigen"):
         for shape in KRON_SHAPES[key]:
-            impls = [f"pycurv:{b}" for b in _backends(op)] + ["b:matmul_loop"]
+            impls = [f"pycurv:{b}" for b in timed_backends(op)] + ["b:matmul_loop"]
             impls += ["b:bmm"] if shape[0] > 1 else []
             impls += ["b+compile"] if COMPILE else []
             cases += [Case(op, shape, torch.float32, impl) for impl in impls]
@@ -418,7 +420,7 @@ class MLPStack(nn.Module):
 
 def _step_problem(name: str):
     """(model, inputs, loss function) of a whole-step case; the model is built afresh for every implementation."""
-    cfg = STEP_MODELS[_grid_key()][name]
+    cfg = STEP_MODELS[grid_key()][name]
     torch.manual_seed(0)
     gen = _gen()
     if name == "resnet_cnn":

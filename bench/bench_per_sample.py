@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DEVICE, QUICK, peak_extra_memory, sync, time_call
+from conftest import DEVICE, QUICK, peak_extra_memory, sync, time_call, timed_backends
 
 import pycurv
 from pycurv.ops import choose_method
@@ -85,11 +85,6 @@ def baseline_candidates(op: str, t: int) -> list[str]:
     return ["ghost", "materialize"]
 
 
-def pycurv_backends(op: str) -> list[str]:
-    # Interpreted Triton is a correctness tool, not a kernel: never timed.
-    return [b for b in pycurv.ops.available_backends(DEVICE, op) if not (DEVICE.type == "cpu" and b == "triton")]
-
-
 def _grid() -> list[tuple[tuple[int, int, int, int], torch.dtype]]:
     if DEVICE.type == "cuda":
         shapes = QUICK_SHAPES if QUICK else GPU_SHAPES
@@ -103,7 +98,7 @@ def _cases() -> list[Case]:
     cases = []
     for shape, dtype in _grid():
         for op in OPS:
-            impls = [f"pycurv:{b}" for b in pycurv_backends(op)] + ["torch.func"]
+            impls = [f"pycurv:{b}" for b in timed_backends(op)] + ["torch.func"]
             impls += [f"b:{name}" for name in baseline_candidates(op, shape[1])]
             if DEVICE.type == "cuda":
                 impls.append("b+compile")  # after the eager candidates, so it can compile the faster one

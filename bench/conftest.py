@@ -27,6 +27,7 @@ if os.environ.get("PYCURV_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["PYCURV_BENCH_THREADS"]))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GPU = DEVICE.type == "cuda"
 QUICK = os.environ.get("PYCURV_BENCH_QUICK", "0") == "1"
 # Seconds of timed rounds per measurement (after calibration); the CPU budget keeps `make bench` near 5 minutes.
 BUDGET_S = {"cuda": 0.25, "cpu": 0.4}[DEVICE.type] * (0.4 if QUICK else 1.0)
@@ -48,6 +49,19 @@ MEM_METHOD = {
     "cpu": "process resident-set high-water mark: /proc/self/clear_refs reset to the current RSS (after gc and "
     "malloc_trim), one call, then VmHWM minus that RSS (inputs excluded, output included); page granularity",
 }
+
+
+def grid_key() -> str:
+    """Which shape grid a benchmark module runs: "quick", "gpu" or "cpu"."""
+    return "quick" if QUICK else ("gpu" if GPU else "cpu")
+
+
+def timed_backends(op: str, method: str | None = None) -> list[str]:
+    """The backends of ``op`` to time here: interpreted Triton is a correctness tool, not a kernel, and is never
+    timed."""
+    import pycurv.ops
+
+    return [b for b in pycurv.ops.available_backends(DEVICE, op, method) if not (not GPU and b == "triton")]
 
 
 def sync() -> None:
