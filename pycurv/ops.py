@@ -792,12 +792,11 @@ def ief_coefficients(
     # direction. (K + damping I) alpha = s  <=>  (C + damping R^2) beta = R s, alpha = R beta. Dropped samples:
     # zero row and column, 1 on the diagonal, 0 on the right, so alpha_j = 0 exactly.
     if all_kept:
-        r, unit, c0 = r_all, None, cos
+        r, c0 = r_all, cos
     else:
         kf = keep.double()
         r = r_all * kf
-        unit = torch.diag_embed(1.0 - kf)
-        c0 = cos * (kf.unsqueeze(2) * kf.unsqueeze(1)) + unit
+        c0 = cos * (kf.unsqueeze(2) * kf.unsqueeze(1)) + torch.diag_embed(1.0 - kf)
     cm = c0.clone()
     cm.diagonal(dim1=1, dim2=2).add_(damp.unsqueeze(1) * r.square())
     chol, info = torch.linalg.cholesky_ex(cm)
@@ -811,9 +810,8 @@ def ief_coefficients(
     rank = None
     idx = route.nonzero().flatten()
     if idx.numel():
-        unit_r = torch.zeros_like(c0[idx]) if unit is None else unit[idx]
         alpha_r, rank_r = _ief_deflated(
-            op, idx, k[idx], rhs[idx], damp[idx], r[idx], c0[idx], unit_r, rtol, singular
+            op, idx, k[idx], rhs[idx], damp[idx], r[idx], c0[idx], keep[idx], rtol, singular
         )
         alpha = alpha.index_copy(0, idx, alpha_r)
         rank = keep.sum(1).index_copy(0, idx, rank_r)
@@ -827,16 +825,17 @@ def ief_coefficients(
     return alpha, {"kept": keep, "damping": damp, "rank": rank}
 
 
-def _ief_deflated(op, idx, k, rhs, damp, r, c0, unit, rtol, singular):
+def _ief_deflated(op, idx, k, rhs, damp, r, c0, keep, rtol, singular):
     """``ief_coefficients`` for problems near or at singularity: the eigenvectors of the scaled Gram ``c0`` with
     eigenvalues at most ``rtol`` span its numerical null space; ``R`` maps them to ``K``'s, ``Z`` (orthonormal). As
     ``J^T Z = 0``, ``J^T (K + damping I)^{-1} s = J^T (K + damping I + m Z Z^T)^{-1} (I - Z Z^T) s`` for any ``m > 0``
     in exact arithmetic; with ``m = max K_jj`` the noise of ``K`` along ``Z`` is no longer divided by ``damping``,
     and the deflated system is solved (Jacobi-scaled, LU in float64) without dividing by anything at the noise
-    floor. ``idx``: the problems' indices in the caller's batch (for the messages). Returns ``(alpha, rank)``."""
+    floor. ``idx``: the problems' indices in the caller's batch (for the messages); ``keep``: their kept samples
+    (``c0`` has 1 on the diagonal of the others). Returns ``(alpha, rank)``."""
     nu, v = torch.linalg.eigh(c0)
     null = nu <= rtol  # eigh sorts ascending: the null directions come first
-    kept = (unit.diagonal(dim1=1, dim2=2) == 0).sum(1)
+    kept = keep.sum(1)
     rank = kept - null.sum(1)
     indefinite = nu[:, 0] < -100 * rtol
     any_indefinite, any_low = torch.stack([indefinite.any(), (rank < kept).any()]).tolist()
@@ -857,14 +856,14 @@ def _ief_deflated(op, idx, k, rhs, damp, r, c0, unit, rtol, singular):
     z = q * null.unsqueeze(1)
     proj = z @ z.mT
     scale = k.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(torch.float64).tiny)
-    keep_diag = 1.0 - unit.diagonal(dim1=1, dim2=2)
-    m = k * (keep_diag.unsqueeze(2) * keep_diag.unsqueeze(1)) + torch.diag_embed(damp.unsqueeze(1) * keep_diag)
-    m = m + scale.reshape(-1, 1, 1) * proj + unit
+    kf = keep.double()
+    m = k * (kf.unsqueeze(2) * kf.unsqueeze(1)) + torch.diag_embed(damp.unsqueeze(1) * kf + (1.0 - kf))
+    m = m + scale.reshape(-1, 1, 1) * proj
     b = rhs.unsqueeze(2) - proj @ rhs.unsqueeze(2)
     # Jacobi-scaled solve: rows / columns of the kept samples by diag(M)^(-1/2), the dropped ones by 1
-    d = torch.where(keep_diag > 0, m.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 1.0)
+    d = torch.where(keep, m.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 1.0)
     y = torch.linalg.solve(m * (d.unsqueeze(2) * d.unsqueeze(1)), d.unsqueeze(2) * b)
-    return (d.unsqueeze(2) * y).squeeze(2) * keep_diag, rank
+    return (d.unsqueeze(2) * y).squeeze(2) * kf, rank
 
 
 def _duplicates(cos: torch.Tensor, keep: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -991,6 +991,21 @@ def test_ief_coefficients_singular_in_batch(backend):
         ops.ief_coefficients(k.to(DEVICE), s.to(DEVICE), 0.0, dedup_threshold=None, singular="error")
 
 
+@pytest.mark.parametrize("backend", ief_backends())
+def test_ief_coefficients_singular_with_dropped_samples(backend):
+    """Rank 3 from 7 samples, plus a repeated sample and a zero gradient: the dropped samples get 0 and the kept
+    ones the minimum-norm step on their own rows."""
+    gen = torch.Generator().manual_seed(0)
+    j = torch.randn(7, 3, dtype=torch.float64, generator=gen) @ torch.randn(3, 50, dtype=torch.float64, generator=gen)
+    j = torch.cat([j, j[1:2], torch.zeros(1, 50, dtype=torch.float64)])
+    s = torch.rand(9, dtype=torch.float64, generator=gen) + 0.1
+    alpha, info = ops.ief_coefficients((j @ j.T).to(DEVICE), s.to(DEVICE), 0.0, return_info=True, backend=backend)
+    alpha, kept = alpha.cpu(), info["kept"].cpu()
+    assert not kept[7] and not kept[8] and int(info["rank"]) == 3, f"info {info}"
+    assert torch.count_nonzero(alpha[~kept]) == 0
+    assert rel_err(j.T @ alpha, torch.linalg.pinv(j[kept]) @ s[kept]) <= 1e-10
+
+
 def test_ief_coefficients_indefinite_gram():
     """A symmetric matrix with an eigenvalue far below zero is no Gram matrix: a clear error, not a truncation."""
     k = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.9], [0.0, 0.9, 1.0]], dtype=torch.float64).to(DEVICE)
