@@ -2,8 +2,9 @@
 
 pytest (with pytest-benchmark) runs every ``bench/bench_*.py`` in a child process with the JSON report and a JUnit
 XML report in a temporary directory; this script merges them with the machine, the versions and the git commit into
-``bench/results/<device-slug>_<YYYY-MM-DD>.json`` (``<device-slug>-quick`` with ``--quick``), prints a table, and
-prints the results path as its last line. Exit status 1 if any benchmark errored (or pytest itself failed).
+``bench/results/<device-slug>_<YYYY-MM-DD>.json`` (``<device-slug>-quick`` with ``--quick``, ``<device-slug>-subset``
+with ``-k``, so that a partial run never replaces a full one), prints a table, and prints the results path as its
+last line. Exit status 1 if any benchmark errored (or pytest itself failed).
 See bench/README.md for the columns and the flop formulas.
 """
 
@@ -288,6 +289,8 @@ def main(argv=None) -> int:
         device_slug = f"cpu-{slug(session.get('cpu_model', 'unknown'))}-{session.get('torch_threads', 0)}t"
     if args.quick:
         device_slug += "-quick"
+    if args.keyword:
+        device_slug += "-subset"
     out = args.out or os.path.join(BENCH, "results", f"{device_slug}_{started:%Y-%m-%d}.json")
 
     result = {
