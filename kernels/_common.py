@@ -13,6 +13,7 @@ it is a ``torch.library.triton_op`` whose launches go through ``wrap_triton``, s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -176,10 +177,30 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _on_device(tensor):
+    """A context in which ``tensor``'s GPU is the current device. Triton launches a kernel on the current device,
+    whatever device its arguments live on: without this, tensors on ``cuda:1`` while ``cuda:0`` is current would be
+    handed to a kernel running on ``cuda:0``. A no-op for CPU tensors (the interpreter) and for the current GPU."""
+    device = tensor.device
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _define_op(name: str, mutates_args: tuple[str, ...] = ()):
     """``triton_op`` (torch.compile traces the launcher and sees the kernels); under the interpreter, which
     launches kernels itself instead of through ``wrap_triton``, an opaque ``custom_op`` with stated shapes (its
-    fake is registered beside it)."""
-    if _INTERPRET:
-        return torch.library.custom_op(name, mutates_args=mutates_args)
-    return torch.library.triton_op(name, mutates_args=mutates_args)
+    fake is registered beside it). The launcher runs with its first tensor argument's GPU current (``_on_device``);
+    every tensor argument is on that device (the ops check it before they dispatch)."""
+    define = torch.library.custom_op if _INTERPRET else torch.library.triton_op
+
+    def decorate(launcher):
+        @functools.wraps(launcher)
+        def on_device(*args, **kwargs):
+            first = next(x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor))
+            with _on_device(first):
+                return launcher(*args, **kwargs)
+
+        return define(name, mutates_args=mutates_args)(on_device)
+
+    return decorate
