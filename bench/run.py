@@ -150,6 +150,32 @@ def build_rows(benchmarks: list[dict], peaks: dict | None) -> list[dict]:
     return sorted(rows, key=key)
 
 
+def merge_passes(passes: list[list[dict]]) -> list[dict]:
+    """One row per measurement from several full passes (rows of :func:`build_rows`, one list per pass): a row's
+    times and statistics are those of its median pass (by median time), its speedups the median over the passes of
+    each pass's own speedup (both rows of such a ratio come from one pass, so a slow phase of a shared machine that
+    lasts a pass moves both); ``pass_median_s`` keeps every pass's median time. A single pass is returned as is."""
+    if len(passes) == 1:
+        return passes[0]
+
+    def middle(values):
+        return sorted(values)[(len(values) - 1) // 2]
+
+    by_id: dict[str, list[dict]] = {}
+    for rows in passes:
+        for r in rows:
+            by_id.setdefault(r["id"], []).append(r)
+    merged = []
+    for seen in by_id.values():
+        _, pick = middle([(r["median_s"], i) for i, r in enumerate(seen)])
+        row = dict(seen[pick], pass_median_s=[r["median_s"] for r in seen])
+        for k in ("speedup_vs_a", "speedup_vs_b"):
+            vals = [r[k] for r in seen if r.get(k) is not None]
+            row[k] = middle(vals) if vals else None
+        merged.append(row)
+    return merged
+
+
 def _label(r: dict) -> str:
     if r["impl"] == "pycurv":
         return f"pycurv:{r['name']}"
@@ -240,7 +266,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="results file (default bench/results/<device-slug>_<date>.json)")
     parser.add_argument("--threads", type=int, help="torch CPU threads in the benchmark process (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (GPU)")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="full passes over the benchmarks; each row keeps its median pass and the median of its per-pass speedups",
+    )
     args = parser.parse_args(argv)
+    if args.passes < 1:
+        parser.error(f"--passes must be at least 1, got {args.passes}")
 
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # compiled kernels only
@@ -250,39 +284,43 @@ def main(argv=None) -> int:
     if args.no_compile:
         env["PYCURV_BENCH_COMPILE"] = "0"
     started = datetime.datetime.now()
-    with tempfile.TemporaryDirectory(prefix="pycurv-bench-") as tmp:
-        bench_json, junit = os.path.join(tmp, "benchmark.json"), os.path.join(tmp, "junit.xml")
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            BENCH,
-            "-o",
-            "python_files=bench_*.py",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            "-rsfE",
-            f"--benchmark-json={bench_json}",
-            f"--junitxml={junit}",
-            "--benchmark-columns=median,iqr,rounds,iterations",
-            "--benchmark-sort=name",
-        ]
-        if args.keyword:
-            cmd += ["-k", args.keyword]
-        print("+", " ".join(cmd), flush=True)
-        t0 = time.perf_counter()
-        rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
-        runtime = time.perf_counter() - t0
-        errors, skipped = junit_outcomes(junit)
-        if not os.path.exists(bench_json):
-            print(f"pytest exited with status {rc} and wrote no benchmark results", file=sys.stderr)
-            return rc or 1
-        with open(bench_json) as f:
-            raw = json.load(f)
-
-    session = raw.get("pycurv_session", {})
-    rows = build_rows(raw.get("benchmarks", []), session.get("peak_tflops"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        BENCH,
+        "-o",
+        "python_files=bench_*.py",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rsfE",
+        "--benchmark-columns=median,iqr,rounds,iterations",
+        "--benchmark-sort=name",
+    ]
+    if args.keyword:
+        cmd += ["-k", args.keyword]
+    t0 = time.perf_counter()
+    passes, errors, skipped, rc, session = [], {}, {}, 0, {}
+    for i in range(args.passes):
+        with tempfile.TemporaryDirectory(prefix="pycurv-bench-") as tmp:
+            bench_json, junit = os.path.join(tmp, "benchmark.json"), os.path.join(tmp, "junit.xml")
+            pass_cmd = [*cmd, f"--benchmark-json={bench_json}", f"--junitxml={junit}"]
+            print(f"+ [pass {i + 1}/{args.passes}]" if args.passes > 1 else "+", " ".join(pass_cmd), flush=True)
+            rc = subprocess.run(pass_cmd, cwd=ROOT, env=env).returncode or rc
+            pass_errors, pass_skipped = junit_outcomes(junit)
+            errors.update((e["id"], e) for e in pass_errors)
+            skipped.update((e["id"], e) for e in pass_skipped)
+            if not os.path.exists(bench_json):
+                print(f"pytest exited with status {rc} and wrote no benchmark results", file=sys.stderr)
+                return rc or 1
+            with open(bench_json) as f:
+                raw = json.load(f)
+        session = session or raw.get("pycurv_session", {})
+        passes.append(build_rows(raw.get("benchmarks", []), session.get("peak_tflops")))
+    runtime = time.perf_counter() - t0
+    rows = merge_passes(passes)
+    errors, skipped = list(errors.values()), list(skipped.values())
     if session.get("device_type") == "cuda":
         device_slug = slug(session.get("device_name", "gpu"))
     else:
@@ -313,7 +351,13 @@ def main(argv=None) -> int:
         "memory_method": session.get("memory_method"),
         "timing": "pytest-benchmark pedantic: median over rounds of the per-call time (calls_per_round back-to-back "
         "calls per round, CUDA synchronised inside the timed callable at the end of each round); first call "
-        "(compile / autotune) untimed; inputs reused, caches warm",
+        "(compile / autotune) untimed; inputs reused, caches warm"
+        + (
+            f"; {args.passes} full passes: each row's statistics are those of its median pass, its speedups the "
+            "median of its per-pass speedups, pass_median_s lists every pass's median"
+            if args.passes > 1
+            else ""
+        ),
         "flops": "2 per multiply-add, elementwise work ignored, the same count for every row of one op/shape "
         "(per-sample ops: the algorithm pycurv.ops.choose_method picks; K-FAC ops: see bench/README.md); "
         "TFLOP/s = flops / median; formula per row",
@@ -331,6 +375,7 @@ def main(argv=None) -> int:
         },
         "float32_matmul_precision": session.get("float32_matmul_precision"),
         "quick": args.quick,
+        "passes": args.passes,
         "pytest_exit_status": rc,
         "rows": rows,
         "skipped": skipped,
