@@ -2,7 +2,8 @@
 # needs from nothing.
 #
 # On a machine whose python3 already has torch (and no network), `make bench PYCURV_SYSTEM_PYTHON=1` uses it
-# instead of creating .venv.
+# instead of creating .venv. PYTEST_ARGS goes to `make test`'s pytest (e.g. "-n 8" where pytest-xdist is installed),
+# BENCH_ARGS to bench/run.py (e.g. "--passes 3").
 
 PYTHON      ?= python3
 MAX_JOBS    ?= 2
@@ -32,7 +33,7 @@ build: $(VENV_OK)
 	$(PY) -m pycurv.info
 
 test: build
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs tests $(PYTEST_ARGS)
 
 bench: build
 	$(PY) bench/run.py $(BENCH_ARGS)
