@@ -17,7 +17,7 @@ import pycurv
 from pycurv import ops, reference
 from pycurv.reference import acc_dtype
 
-from conftest import DEVICE, INTERPRET, REL_TOL, assert_rel_close, op_backends, raises_naming
+from conftest import DEVICE, INTERPRET, REL_TOL, assert_rel_close, need_backend, op_backends, raises_naming
 from models import ground_truth as _ground_truth
 
 OPS = ("per_sample_grad_sqnorms", "per_sample_gram", "ef_diag")
@@ -211,6 +211,43 @@ def test_low_precision_accumulates_in_float32(op, backend, method, dtype):
     assert x.dtype == torch.float32
     assert torch.isfinite(x).all(), f"{op}[{backend}]: non-finite output for {dtype} inputs of magnitude 100"
     assert_rel_close(x, ground_truth(a, g, True)[op], dtype, f"{op}[{backend}] large {dtype}")
+
+
+@pytest.fixture
+def reduced_float32_matmul():
+    """Lets torch.matmul round float32 as coarsely as it may (TF32 on the GPU, bfloat16 passes in oneDNN on the
+    CPU), then restores the settings."""
+    precision, tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.mark.parametrize("op, backend, method", [p for p in _op_method_params() if p.values[1] != "torch"])
+def test_float32_ignores_reduced_matmul_precision(op, backend, method, monkeypatch, reduced_float32_matmul):
+    """pycurv's kernels keep float32 accuracy whatever torch's float32 matmul precision (the reference backend
+    follows it, as torch does). PYCURV_CUDA_FUSED_MAX_D=1 sends the CUDA ghost Gram through its cuBLAS path."""
+    monkeypatch.setenv("PYCURV_CUDA_FUSED_MAX_D", "1")
+    a, g = make_ag(5, 8, 64, 48, torch.float32)
+    x = run_op(op, a, g, True, method, backend)
+    assert_rel_close(x, ground_truth(a, g, True)[op], torch.float32, f"{op}[{backend}, {method}] reduced precision")
+
+
+@pytest.mark.parametrize("chunk_bytes", ("1", "1000"), ids=("one-per-chunk", "uneven-chunks"))
+def test_cuda_chunked_paths(chunk_bytes, monkeypatch):
+    """The CUDA paths that work in chunks (per-sample gradients by blocks of d_out rows; the cuBLAS ghost Gram by
+    blocks of samples, mirrored) with chunks of one row / one sample, and of two (the last one shorter)."""
+    need_backend("per_sample_gram", "cuda")
+    monkeypatch.setenv("PYCURV_CUDA_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setenv("PYCURV_CUDA_FUSED_MAX_D", "1")
+    a, g = make_ag(7, 5, 17, 3, torch.float32)
+    for op in OPS:
+        for method in ("ghost", "materialize") if op in METHOD_OPS else (None,):
+            for bias in (False, True):
+                x = run_op(op, a, g, bias, method, "cuda")
+                check_against_both(op, x, a, g, bias, method, torch.float32, f"{op}[cuda, {method}, chunks]")
 
 
 def _agree_params():

@@ -16,7 +16,10 @@
 //
 // Tuning knobs (read at every call): PYCURV_CUDA_CHUNK_BYTES bounds the temporaries of the chunked paths (default
 // 256 MiB); PYCURV_CUDA_FUSED_MAX_D is the largest d_in + d_out for which the ghost Gram uses the fused kernel
-// rather than two cuBLAS GEMMs per chunk (default 4096).
+// rather than two cuBLAS GEMMs per block of samples (default 4096).
+//
+// Every cuBLAS product runs under at::NoTF32Guard: float32 inputs keep float32 accuracy whatever torch's float32
+// matmul precision says, as in the fused kernels.
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -31,6 +34,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 
@@ -481,22 +485,31 @@ void for_each_grad_chunk(const at::Tensor& a, const at::Tensor& g, Fn&& fn) {
   }
 }
 
-// Ghost Gram through cuBLAS for wide layers: for a chunk of samples I, K[I] = blocksum((X_I X^T + beta) * Y_I Y^T).
+// Ghost Gram through cuBLAS for wide layers, block by block of samples (I, J), J >= I, mirrored:
+// K[I, J] = blocksum((X_I X_J^T + beta) * Y_I Y_J^T). The two (|I| T, |J| T) products stay within
+// PYCURV_CUDA_CHUNK_BYTES (one pair of samples at least).
 at::Tensor ghost_gram_blas(const at::Tensor& a, const at::Tensor& g, bool bias) {
   const int64_t N = a.size(0), T = a.size(1);
   const auto acc = acc_dtype(a.scalar_type());
   const at::Tensor xf = a.reshape({N * T, a.size(2)}).to(acc);
   const at::Tensor yf = g.reshape({N * T, g.size(2)}).to(acc);
   at::Tensor k = at::empty({N, N}, a.options().dtype(acc));
-  const int64_t per_sample = 2 * T * N * T * static_cast<int64_t>(c10::elementSize(acc));  // two (T, N*T) blocks
-  const int64_t step = std::clamp<int64_t>(chunk_bytes() / per_sample, 1, N);
+  const int64_t per_pair = 2 * T * T * static_cast<int64_t>(c10::elementSize(acc));  // two (T, T) blocks
+  const auto step = std::clamp<int64_t>(
+      static_cast<int64_t>(std::sqrt(static_cast<double>(chunk_bytes() / per_pair))), 1, N);
   for (int64_t i0 = 0; i0 < N; i0 += step) {
-    const int64_t c = std::min(step, N - i0);
-    at::Tensor kx = at::mm(xf.narrow(0, i0 * T, c * T), xf.t());
-    const at::Tensor ky = at::mm(yf.narrow(0, i0 * T, c * T), yf.t());
-    if (bias) kx.add_(1);
-    kx.mul_(ky);
-    k.narrow(0, i0, c).copy_(kx.view({c, T, N, T}).sum({1, 3}));
+    const int64_t ci = std::min(step, N - i0);
+    const at::Tensor xi = xf.narrow(0, i0 * T, ci * T), yi = yf.narrow(0, i0 * T, ci * T);
+    for (int64_t j0 = i0; j0 < N; j0 += step) {
+      const int64_t cj = std::min(step, N - j0);
+      at::Tensor kx = at::mm(xi, xf.narrow(0, j0 * T, cj * T).t());
+      const at::Tensor ky = at::mm(yi, yf.narrow(0, j0 * T, cj * T).t());
+      if (bias) kx.add_(1);
+      kx.mul_(ky);
+      const at::Tensor blk = kx.view({ci, T, cj, T}).sum({1, 3});
+      k.narrow(0, i0, ci).narrow(1, j0, cj).copy_(blk);
+      if (j0 != i0) k.narrow(0, j0, cj).narrow(1, i0, ci).copy_(blk.t());
+    }
   }
   return k;
 }
@@ -507,6 +520,7 @@ at::Tensor per_sample_grad_sqnorms_cuda(const at::Tensor& a, const at::Tensor& g
   check_ag(a, g, op);
   const bool ghost = parse_method_is_ghost(method, op);
   const c10::cuda::CUDAGuard guard(a.device());
+  const at::NoTF32Guard no_tf32;
   const int64_t N = a.size(0), T = a.size(1), din = a.size(2), dout = g.size(2);
   at::Tensor s = at::zeros({N}, a.options().dtype(acc_dtype(a.scalar_type())));
   if (N == 0 || T == 0) return s;
@@ -534,6 +548,7 @@ at::Tensor per_sample_gram_cuda(const at::Tensor& a, const at::Tensor& g, bool b
   check_ag(a, g, op);
   const bool ghost = parse_method_is_ghost(method, op);
   const c10::cuda::CUDAGuard guard(a.device());
+  const at::NoTF32Guard no_tf32;
   const int64_t N = a.size(0), T = a.size(1), din = a.size(2), dout = g.size(2);
   const auto opts = a.options().dtype(acc_dtype(a.scalar_type()));
   if (N == 0 || T == 0) return at::zeros({N, N}, opts);
@@ -560,6 +575,7 @@ at::Tensor ef_diag_cuda(const at::Tensor& a, const at::Tensor& g, bool bias) {
   constexpr const char* op = "ef_diag";
   check_ag(a, g, op);
   const c10::cuda::CUDAGuard guard(a.device());
+  const at::NoTF32Guard no_tf32;
   const int64_t N = a.size(0), T = a.size(1), din = a.size(2), dout = g.size(2);
   const auto acc = acc_dtype(a.scalar_type());
   const int64_t ldo = din + (bias ? 1 : 0);
