@@ -142,8 +142,10 @@ def _sym_rows(
     """``acc += Gp_i^T Gc_j + Gc_i^T Gp_j`` (with DIAG only ``Gp_i^T Gc_i``) over rows ``r_lo <= r < r_hi`` in steps
     of BR; ``pa_*``, ``pg_*``: the (1 x BD) column pointers of row ``r_lo`` of G_p and G_c, ``m_*`` their masks."""
     rr = tl.arange(0, BR)
-    step_a = rr[:, None] * sa_r
-    step_g = rr[:, None] * sg_r
+    step_a = rr.to(tl.int64)[:, None] * sa_r
+    step_g = rr.to(tl.int64)[:, None] * sg_r
+    jump_a = tl.full((), BR, tl.int64) * sa_r
+    jump_g = tl.full((), BR, tl.int64) * sg_r
     for r0 in range(r_lo, r_hi, BR):
         mr = (r0 + rr < r_hi)[:, None]
         xp = tl.load(pa_i + step_a, mask=mr & m_i, other=0.0)
@@ -153,10 +155,10 @@ def _sym_rows(
             yc = tl.load(pg_i + step_g, mask=mr & m_i, other=0.0)
             yp = tl.load(pa_j + step_a, mask=mr & m_j, other=0.0)
             acc = _mma(tl.trans(yc), yp, acc, PREC)
-        pa_i += BR * sa_r
-        pa_j += BR * sa_r
-        pg_i += BR * sg_r
-        pg_j += BR * sg_r
+        pa_i += jump_a
+        pa_j += jump_a
+        pg_i += jump_g
+        pg_j += jump_g
     return acc
 
 

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from pycurv.reference import newton_schulz_defaults
 
+from . import _common
 from ._common import (
     _INTERPRET,
     _TORCH_DTYPE,
@@ -99,12 +100,12 @@ def _factor_store_cols(f_ptr, new, ci, c, D, decay):
     ``i > j``."""
     valid = (ci < D)[:, None] & (c < D)[None, :]
     low = valid & (ci[:, None] >= c[None, :])
-    p_low = f_ptr + (ci[:, None] * D + c[None, :])
+    p_low = f_ptr + (ci.to(tl.int64)[:, None] * D + c[None, :])
     old = tl.load(p_low, mask=low & (decay != 0), other=0.0)
     val = _scalar(decay, new.dtype) * old + new
     tl.store(p_low, val, mask=low)
     # the mirror is stored through the transposed tile, so that both stores run along rows of F
-    p_up = f_ptr + (c[:, None] * D + ci[None, :])
+    p_up = f_ptr + (c.to(tl.int64)[:, None] * D + ci[None, :])
     tl.store(p_up, tl.trans(val), mask=tl.trans(valid & (ci[:, None] > c[None, :])))
 
 
@@ -131,7 +132,8 @@ def _gram_rows(
     (``pi``, ``pj``: the column pointers of row ``r_lo``). With BIAS, ``Xi`` gets ones in the columns ``ones_i`` on
     valid rows after the load (the loads themselves fill zeros, so they pipeline); ``Xj`` is ``Xi`` with DIAG."""
     rr = tl.arange(0, BR)
-    step = rr[:, None] * sa_r
+    step = rr.to(tl.int64)[:, None] * sa_r
+    jump = tl.full((), BR, tl.int64) * sa_r
     for r0 in range(r_lo, r_hi, BR):
         mr = (r0 + rr < r_hi)[:, None]
         xi = tl.load(pi + step, mask=mr & mi, other=0.0)
@@ -142,8 +144,8 @@ def _gram_rows(
         else:
             xj = tl.load(pj + step, mask=mr & mj, other=0.0)
         acc = _mma(tl.trans(xi), xj, acc, PREC)
-        pi += BR * sa_r
-        pj += BR * sa_r
+        pi += jump
+        pj += jump
     return acc
 
 
@@ -210,7 +212,7 @@ def _kfac_factor_kernel(
     else:
         w = ws_ptr + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_b) * D * D
         valid = (ci < D)[:, None] & (cj < D)[None, :]
-        tl.store(w + (ci[:, None] * D + cj[None, :]), acc, mask=valid)
+        tl.store(w + (ci.to(tl.int64)[:, None] * D + cj[None, :]), acc, mask=valid)
 
 
 @triton.jit(do_not_specialize=["n_split"])
@@ -236,7 +238,7 @@ def _kfac_factor_reduce_kernel(
     ci = ti * BD + tl.arange(0, BD)
     cj = tj * BD + tl.arange(0, BD)
     low = (ci < D)[:, None] & (cj < D)[None, :] & (ci[:, None] >= cj[None, :])
-    off = ci[:, None] * D + cj[None, :]
+    off = ci.to(tl.int64)[:, None] * D + cj[None, :]
     acc = tl.zeros((BD, BD), dtype=acc_ty)
     for s in range(0, n_split):
         acc += tl.load(ws_ptr + (s * nb + pid_b).to(tl.int64) * D * D + off, mask=low, other=0.0)
@@ -352,7 +354,8 @@ def _ns_inverse_kernel(
         tl.store(p_x + (r[:, None] * DP + cols[None, :]), x0)
     tl.debug_barrier()
     tol_t = _scalar(tol, acc_ty)
-    rdim = tl.sqrt(D.to(acc_ty))
+    # tl.full, not D.to(): torch.compile passes an int argument equal to 1 as a constexpr
+    rdim = tl.sqrt(tl.full((), D, acc_ty))
     res = tl.sqrt(_ns_product(p_m, p_x, p_mx, D, DP, BM, BK, PREC, False)) / rdim
     tl.debug_barrier()
     it = 0
@@ -618,7 +621,9 @@ def _factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, bias: bo
         n_split = max(1, min(triton.cdiv(2 * _num_sms(x.device), tiles), r // (4 * br), ws_cap))
     r_split = triton.cdiv(triton.cdiv(r, n_split), br) * br
     n_split = max(1, triton.cdiv(r, r_split))
-    ws = factor.new_empty((n_split, b, d, d)) if n_split > 1 else factor
+    # without a split the kernel writes factor only; ws is a distinct stand-in, never written (passing factor twice
+    # would make torch.compile's functionalisation copy back an unwritten alias over the update)
+    ws = factor.new_empty((n_split, b, d, d) if n_split > 1 else (1,))
     grid = (_ntri(triton.cdiv(d, bd)), b, n_split)
     _wrap(_kfac_factor_kernel)[grid](
         x, factor, ws, r, dx, d, *x.stride(), int(bias), n_split, r_split, float(decay), PREC=_prec(dt), **meta
@@ -850,7 +855,8 @@ def damped_inverse_triton(
         raise ValueError(f"method must be 'newton_schulz' (the only Triton inverse), got {method!r}")
     if m.shape[-1] <= NS_FUSED_MAX:
         return torch.ops.pycurv.damped_inverse_triton(m, damping)
-    return _ns_gemm(m, damping)
+    with _common._on_device(m):  # the registered op has the same guard
+        return _ns_gemm(m, damping)
 
 
 def kron_precondition_triton(grad: torch.Tensor, g_inv: torch.Tensor, a_inv: torch.Tensor) -> torch.Tensor:
