@@ -830,7 +830,7 @@ def _ief_deflated(op, idx, k, rhs, damp, r, c0, keep, rtol, singular):
     eigenvalues at most ``rtol`` span its numerical null space; ``R`` maps them to ``K``'s, ``Z`` (orthonormal). As
     ``J^T Z = 0``, ``J^T (K + damping I)^{-1} s = J^T (K + damping I + m Z Z^T)^{-1} (I - Z Z^T) s`` for any ``m > 0``
     in exact arithmetic; with ``m = max K_jj`` the noise of ``K`` along ``Z`` is no longer divided by ``damping``,
-    and the deflated system is solved (Jacobi-scaled, LU in float64) without dividing by anything at the noise
+    and the deflated system is solved (Jacobi-scaled, Cholesky in float64) without dividing by anything at the noise
     floor. ``idx``: the problems' indices in the caller's batch (for the messages); ``keep``: their kept samples
     (``c0`` has 1 on the diagonal of the others). Returns ``(alpha, rank)``."""
     nu, v = torch.linalg.eigh(c0)
@@ -862,7 +862,14 @@ def _ief_deflated(op, idx, k, rhs, damp, r, c0, keep, rtol, singular):
     b = rhs.unsqueeze(2) - proj @ rhs.unsqueeze(2)
     # Jacobi-scaled solve: rows / columns of the kept samples by diag(M)^(-1/2), the dropped ones by 1
     d = torch.where(keep, m.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 1.0)
-    y = torch.linalg.solve(m * (d.unsqueeze(2) * d.unsqueeze(1)), d.unsqueeze(2) * b)
+    ms, bs = m * (d.unsqueeze(2) * d.unsqueeze(1)), d.unsqueeze(2) * b
+    # M is positive definite by construction: Cholesky, with LU where rounding says otherwise (a batched LU of
+    # 200 x 200 or more fails in some MKL builds once torch.set_num_threads has been called)
+    low, info = torch.linalg.cholesky_ex(ms)
+    y = torch.cholesky_solve(bs, low)
+    if bool(info.any()):
+        bad = info > 0
+        y[bad] = torch.linalg.solve(ms[bad], bs[bad])
     return (d.unsqueeze(2) * y).squeeze(2) * kf, rank
 
 

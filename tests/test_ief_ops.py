@@ -909,6 +909,31 @@ def test_ief_coefficients_singular_gram(backend):
         ops.ief_coefficients(k.to(DEVICE), s_generic.to(DEVICE), 0.0, dedup_threshold=None, singular="error")
 
 
+@pytest.mark.parametrize("backend", ief_backends())
+def test_ief_coefficients_singular_large_batch_after_set_num_threads(backend):
+    """A rank-deficient batch of two problems of 256 samples, after ``torch.set_num_threads`` (whose call makes a
+    batched LU of this size fail in some MKL builds): the deflated solve still gives ``pinv(J) s``."""
+    gen = torch.Generator().manual_seed(7)
+    js = [
+        torch.randn(256, 64, dtype=torch.float64, generator=gen) @ torch.randn(64, 300, dtype=torch.float64, generator=gen)
+        for _ in range(2)
+    ]
+    k = torch.stack([j @ j.T for j in js])
+    s = torch.rand(2, 256, dtype=torch.float64, generator=gen) + 0.1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alpha, info = ops.ief_coefficients(
+            k.to(DEVICE), s.to(DEVICE), 0.0, dedup_threshold=None, return_info=True, backend=backend
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert info["rank"].tolist() == [64, 64], f"info {info}"
+    for b in range(2):
+        err = _min_norm_err(js[b], alpha[b], s[b])
+        assert err <= 1e-9, f"problem {b}: J^T alpha vs pinv(J) s: relative error {err:.3g}"
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("backend", ief_backends())
 def test_ief_coefficients_singular_float32_gram(backend, seed):

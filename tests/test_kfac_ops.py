@@ -366,7 +366,8 @@ def inverse_truth(m: torch.Tensor, damps: torch.Tensor) -> tuple[torch.Tensor, t
     md = m3 + damps.reshape(-1, 1, 1) * torch.eye(m3.shape[-1], dtype=torch.float64)
     ev = torch.linalg.eigvalsh(md)
     cond = ev.abs().amax(1) / ev.abs().amin(1)
-    inv = torch.linalg.inv(md)
+    # one matrix at a time: a batched LU of 200 x 200 or more fails in some MKL builds after torch.set_num_threads
+    inv = torch.stack([torch.linalg.inv(x) for x in md])
     return (inv if m.dim() == 3 else inv[0]), cond
 
 
