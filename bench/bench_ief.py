@@ -385,14 +385,15 @@ def update_flops(problem: str) -> tuple[int, str]:
     total = 0
     for d_in, d_out in _layer_dims(problem):
         if choose_method("gram", n, t, d_in, d_out) == "ghost":
-            total += 2 * n * n * t * t * (d_in + d_out)
+            total += n * (n + 1) * t * t * (d_in + d_out)
         else:
-            total += 2 * n * t * d_in * d_out + 2 * n * n * d_in * d_out
+            total += 2 * n * t * d_in * d_out + n * (n + 1) * d_in * d_out
         total += 2 * n * t * d_in * d_out
     total += n**3 // 3
     formula = (
         "sum over layers of [gram + 2*N*T*d_in*d_out (weighted_grad_sum)] + N^3/3 (Cholesky), gram by "
-        "choose_method: 2*N^2*T^2*(d_in+d_out) (ghost) or 2*N*T*d_in*d_out + 2*N^2*d_in*d_out (materialize); "
+        "choose_method: N*(N+1)*T^2*(d_in+d_out) (ghost) or 2*N*T*d_in*d_out + N*(N+1)*d_in*d_out (materialize), "
+        "the symmetric Gram counted on and above its diagonal; "
         "bias columns and the softmax ignored"
     )
     return total, formula

@@ -353,7 +353,7 @@ def flop_count(case: Case, step_flops: int | None = None) -> tuple[int, str]:
     if case.op == "kfac_factor_update":
         b, r, d_x = case.shape
         d = d_x + 1
-        return 2 * b * r * d * d, "2*B*R*d^2 (d = d_x + 1, the full Gram)"
+        return b * r * d * (d + 1), "B*R*d*(d+1) (d = d_x + 1, one triangle of the symmetric Gram)"
     if case.op == "damped_inverse":
         b, d = case.shape
         return b * d**3, "B*d^3 (Cholesky d^3/3 + triangular inverse d^3/3 + product d^3/3)"

@@ -358,7 +358,8 @@ def main(argv=None) -> int:
             if args.passes > 1
             else ""
         ),
-        "flops": "2 per multiply-add, elementwise work ignored, the same count for every row of one op/shape "
+        "flops": "2 per multiply-add, elementwise work ignored, symmetric products counted on and above the "
+        "diagonal only, the same count for every row of one op/shape "
         "(per-sample ops: the algorithm pycurv.ops.choose_method picks; K-FAC ops: see bench/README.md); "
         "TFLOP/s = flops / median; formula per row",
         "baselines": {
